@@ -1,0 +1,205 @@
+"""The `realign` command line: parse, call one job, render. No math here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import RealignError
+from .report import Report, format_similarity
+
+app = typer.Typer(
+    name="realign",
+    help="Post-hoc safety realignment of fine-tuned LLMs (Safe LoRA, NLSR, SaLoRA).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_BAD_INPUT = 2
+
+
+class Projection(str, Enum):
+    approx = "approx"
+    exact = "exact"
+
+
+def _user_errors(command):
+    """One line on stderr and exit 2 for every error the user can cause."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RealignError as exc:
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"realign: error: {exc}", markup=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt:
+            Console(stderr=True).print("realign: interrupted; nothing was written", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"realign {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Post-hoc safety realignment of fine-tuned LLMs."""
+
+
+class _Output:
+    """Where things go: people on a terminal get colour and a progress bar; pipes get plain text."""
+
+    def __init__(self, quiet: bool, as_json: bool):
+        self.quiet, self.as_json = quiet, as_json
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.interactive = self.err.is_terminal and not quiet and not as_json
+
+    def progress(self, description: str) -> Progress:
+        return Progress(
+            TextColumn(description),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.err,
+            transient=True,
+            disable=not self.interactive,
+        )
+
+    def report(self, report: Report, title: str) -> None:
+        if self.as_json:
+            sys.stdout.write(report.to_json())
+            return
+        if self.quiet:
+            return
+        if self.out.is_terminal:
+            self.out.print(_module_table(report, title))
+        else:
+            _plain_table(report)
+        self.err.print(_summary_line(report), markup=False)
+
+
+def _module_table(report: Report, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("module")
+    table.add_column("shape", justify="right")
+    table.add_column("similarity", justify="right")
+    table.add_column("projected", justify="center")
+    table.add_column("note", style="dim")
+    for row in report.modules:
+        mark = "[bold green]yes[/]" if row["projected"] else "-"
+        shape = "x".join(str(d) for d in row["shape"])
+        table.add_row(row["name"], shape, format_similarity(row["similarity"]), mark, row["skipped"] or "")
+    return table
+
+
+def _plain_table(report: Report) -> None:
+    lines = ["module\tsimilarity\tprojected\tnote"]
+    for row in report.modules:
+        projected = "yes" if row["projected"] else "no"
+        lines.append(f"{row['name']}\t{format_similarity(row['similarity'])}\t{projected}\t{row['skipped'] or ''}")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _summary_line(report: Report) -> str:
+    s, settings = report.summary, report.settings
+    rule = f"top-k {settings['top_k']}" if settings["selection"] == "top_k" else f"similarity <= {settings['threshold']}"
+    projection = settings["projection"] + (f" rank {settings['rank']}" if settings["rank"] else "")
+    parts = [
+        f"projected {s['projected']} of {s['modules']} modules ({rule}, {projection} projection)",
+        f"similarity min {s['min_similarity']:.4f} mean {s['mean_similarity']:.4f} max {s['max_similarity']:.4f}",
+    ]
+    if s["skipped"]:
+        parts.append(f"{s['skipped']} skipped")
+    if report.passthrough:
+        parts.append(f"{len(report.passthrough)} other tensors copied unchanged")
+    parts.append(f"wrote {report.output}" if report.output else "dry run: nothing written")
+    parts.append(f"{report.timings.get('total_s', 0):.1f}s")
+    return "; ".join(parts)
+
+
+@app.command()
+@_user_errors
+def safelora(
+    base: str = typer.Option(..., "--base", help="Base (unaligned) model: local directory or cached repo id."),
+    aligned: str = typer.Option(..., "--aligned", help="Aligned model directory, or a PEFT adapter that aligns BASE."),
+    adapter: str = typer.Option(..., "--adapter", help="Fine-tuned PEFT LoRA adapter trained on ALIGNED."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New adapter directory to write."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Project modules with similarity <= T [default: 0.5]."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Project exactly the K least similar modules."),
+    projection: Projection = typer.Option(Projection.approx, "--projection", help="approx: C = V V^T/||V||_F (paper); exact: rank-K projector."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Rank K of the exact projector."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON report to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report to stdout."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print, write no adapter."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (and --json)."),
+) -> None:
+    """Safe LoRA: project the fine-tuned update onto the alignment subspace where it strays from it."""
+    from .io.output import check_target, write_text_atomic
+    from .jobs.safelora import safelora as run
+
+    if out is None and not dry_run:
+        raise RealignError("--out is required (or use --dry-run)")
+    if report_path is not None:
+        check_target(report_path, True, [Path(base), Path(aligned), Path(adapter)], what="report")
+    ui = _Output(quiet, as_json)
+    with ui.progress("scoring modules") as bar:
+        task = bar.add_task("scoring", total=None)
+        result = run(
+            base,
+            aligned,
+            adapter,
+            out,
+            threshold=threshold,
+            top_k=top_k,
+            projection=projection.value,
+            rank=rank,
+            device=device,
+            dry_run=dry_run,
+            force=force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    if report_path is not None:
+        write_text_atomic(report_path, result.to_json())
+    ui.report(result, "Safe LoRA" + (" (dry run)" if dry_run else ""))
+
+
+@app.command()
+@_user_errors
+def demo(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep the generated models here instead of a temporary directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Build a tiny random base / aligned / fine-tuned trio and run Safe LoRA on it."""
+    from .demo import run_demo
+
+    ui = _Output(quiet, False)
+    result = run_demo(workdir, log=lambda msg: ui.err.print(msg, markup=False) if not quiet else None)
+    ui.report(result, "Safe LoRA on the demo trio")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""PEFT LoRA adapters: read, describe per module, write a patched copy.
+
+An adapter is small (factors only), so it is read whole. Writing keeps every tensor that was not
+replaced byte-for-byte, the config file verbatim and the weight file's metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import RealignError
+from .checkpoint import read_json, resolve_local
+from .names import natural_key, strip_peft_prefix
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+# Trainer state that belongs to the run that produced the input, not to a patched adapter.
+_NOT_COPIED = {ADAPTER_SAFETENSORS, ADAPTER_BIN, "optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin"}
+
+_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted linear layer: dW = scaling * B @ A, B (d_out x r), A (r x d_in)."""
+
+    name: str  # module path without the PEFT prefix, e.g. model.layers.0.self_attn.q_proj
+    key_a: str
+    key_b: str
+    rank: int
+    d_in: int
+    d_out: int
+    scaling: float
+
+
+@dataclass
+class Adapter:
+    directory: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] | None
+    modules: list[LoraModule]
+    passthrough: dict[str, str] = field(default_factory=dict)  # tensor key -> why it is not processed
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    def module(self, name: str) -> LoraModule | None:
+        return self._by_name.get(name)
+
+    def __post_init__(self) -> None:
+        self._by_name = {m.name: m for m in self.modules}
+
+    @classmethod
+    def load(cls, spec: str, role: str = "adapter") -> "Adapter":
+        directory = resolve_local(spec, role)
+        config_path = directory / ADAPTER_CONFIG
+        if not config_path.exists():
+            raise RealignError(f"{role} '{spec}' is not a PEFT adapter (no {ADAPTER_CONFIG})")
+        config = read_json(config_path, f"{role} config")
+        _check_supported(config, role)
+        tensors, metadata = _read_weights(directory, role)
+        modules, passthrough = _describe(tensors, config, role)
+        if not modules:
+            raise RealignError(f"{role} '{spec}' has no LoRA linear modules (lora_A/lora_B weights)")
+        return cls(directory, config, tensors, metadata, modules, passthrough)
+
+
+def _check_supported(config: dict, role: str) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise RealignError(f"{role} is a {peft_type} adapter; realign handles LoRA adapters only")
+    if config.get("use_dora"):
+        raise RealignError(f"{role} is a DoRA adapter; its magnitude vectors make the update non-linear in B, so it cannot be projected")
+    if config.get("lora_bias"):
+        raise RealignError(f"{role} was trained with lora_bias=True; a bias on lora_B cannot be projected")
+
+
+def _read_weights(directory: Path, role: str) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    st_path, bin_path = directory / ADAPTER_SAFETENSORS, directory / ADAPTER_BIN
+    if st_path.exists():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(st_path, framework="pt") as handle:
+                metadata = handle.metadata()
+            return load_file(st_path), metadata
+        except (SafetensorError, OSError) as exc:
+            raise RealignError(f"{role}: '{st_path}' is truncated or not a safetensors file ({exc})") from None
+    if bin_path.exists():
+        try:
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt or truncated files
+            raise RealignError(f"{role}: cannot load '{bin_path}' ({exc})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise RealignError(f"{role}: '{bin_path}' does not hold a state dict of tensors")
+        # clone: legacy pickles may share storage between tensors, which safetensors refuses
+        return {k: v.clone().contiguous() for k, v in state.items()}, None
+    raise RealignError(f"{role} '{directory}' has no {ADAPTER_SAFETENSORS} or {ADAPTER_BIN}")
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule: a pattern key applies when it matches the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def module_scaling(config: dict, name: str, rank: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _describe(tensors: dict[str, torch.Tensor], config: dict, role: str) -> tuple[list[LoraModule], dict[str, str]]:
+    factors: dict[str, dict[str, str]] = {}
+    passthrough: dict[str, str] = {}
+    for key in tensors:
+        if "lora_magnitude_vector" in key:
+            raise RealignError(f"{role} holds DoRA magnitude vectors ('{key}'); DoRA adapters cannot be projected")
+        if ".lora_B." in key and key.endswith(".bias"):
+            raise RealignError(f"{role} holds a lora_B bias ('{key}'); adapters with lora_bias cannot be projected")
+        match = _FACTOR.match(key)
+        if match:
+            factors.setdefault(match["module"], {})[match["factor"]] = key
+        elif "lora_embedding_" in key:
+            passthrough[key] = "embedding LoRA (copied unchanged)"
+        else:
+            passthrough[key] = "not a LoRA factor, e.g. modules_to_save (copied unchanged)"
+
+    modules = []
+    for module_key, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise RealignError(f"{role}: module '{strip_peft_prefix(module_key)}' has no {missing} weight")
+        a, b = tensors[pair["A"]], tensors[pair["B"]]
+        name = strip_peft_prefix(module_key)
+        if a.dim() != 2 or b.dim() != 2:
+            for key in pair.values():
+                passthrough[key] = "convolution LoRA (copied unchanged)"
+            continue
+        if a.shape[0] != b.shape[1]:
+            raise RealignError(f"{role}: module '{name}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} of different ranks")
+        rank = a.shape[0]
+        expected = _pattern_value(config.get("rank_pattern"), name, config.get("r", rank))
+        if expected != rank:
+            raise RealignError(f"{role}: module '{name}' has rank {rank} but adapter_config.json says r={expected}")
+        modules.append(LoraModule(name, pair["A"], pair["B"], rank, a.shape[1], b.shape[0], module_scaling(config, name, rank)))
+    modules.sort(key=lambda m: natural_key(m.name))
+    return modules, passthrough
+
+
+def write_adapter(adapter: Adapter, directory: Path, replaced: dict[str, torch.Tensor]) -> None:
+    """Write `adapter` with some tensors replaced into an existing empty directory."""
+    for source in adapter.directory.iterdir():
+        if source.is_file() and source.name not in _NOT_COPIED:
+            shutil.copy2(source, directory / source.name)
+    tensors = {}
+    for key, tensor in adapter.tensors.items():
+        new = replaced.get(key)
+        if new is not None:
+            if new.shape != tensor.shape:
+                raise ValueError(f"replacement for {key} has shape {tuple(new.shape)}, expected {tuple(tensor.shape)}")
+            tensor = new.to(device="cpu", dtype=tensor.dtype).contiguous()
+        tensors[key] = tensor
+    metadata = adapter.metadata if adapter.metadata is not None else {"format": "pt"}
+    save_file(tensors, directory / ADAPTER_SAFETENSORS, metadata=metadata)

@@ -1,0 +1,180 @@
+"""Hugging Face model checkpoints read lazily, one tensor at a time, by name.
+
+A checkpoint is a local directory or a repo id already in the local Hugging Face cache. Weights
+are `model.safetensors`, sharded safetensors with `model.safetensors.index.json`, or the legacy
+`pytorch_model*.bin` files (read with `weights_only=True`). Only headers are read up front;
+each tensor is read on demand and the file is closed right after, so memory holds the tensors
+in use and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import RealignError
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+CONFIG = "config.json"
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
+
+
+def resolve_local(spec: str, role: str) -> Path:
+    """A local directory, or the snapshot of a repo id in the local HF cache. Never downloads."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise RealignError(f"{role} '{spec}' is a file; expected a model directory")
+        return path
+    if _REPO_ID.match(spec) and "/" in spec.split("@")[0]:
+        repo_id, _, revision = spec.partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+        except Exception:  # the hub raises many types for "not cached"; all mean the same here
+            pass
+        raise RealignError(
+            f"{role} '{spec}' is neither a local directory nor a repo id in the local Hugging Face cache "
+            "(realign never downloads)"
+        )
+    raise RealignError(f"{role} '{spec}' does not exist")
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RealignError(f"cannot read {what} '{path}': {exc}") from None
+    if not isinstance(data, dict):
+        raise RealignError(f"{what} '{path}' is not a JSON object")
+    return data
+
+
+class Checkpoint:
+    """Name -> tensor access to a model's weights without loading the model."""
+
+    def __init__(self, directory: Path, role: str = "model"):
+        self.directory = directory
+        self.role = role
+        self._weight_map, self._format = self._index()
+        self._bin_cache: tuple[str, dict] | None = None
+
+    @classmethod
+    def open(cls, spec: str, role: str) -> "Checkpoint":
+        return cls(resolve_local(spec, role), role)
+
+    @cached_property
+    def config(self) -> dict:
+        path = self.directory / CONFIG
+        return read_json(path, f"{self.role} config") if path.exists() else {}
+
+    def keys(self) -> list[str]:
+        return list(self._weight_map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._weight_map
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, in its stored dtype."""
+        file = self._weight_map[key]
+        path = self.directory / file
+        try:
+            if self._format == "safetensors":
+                # The tensor is backed by the file's memory map and keeps only its own pages
+                # mapped: memory follows the tensors in use, not the shard.
+                with safe_open(path, framework="pt") as handle:
+                    return handle.get_tensor(key)
+            return self._bin_shard(file)[key]
+        except (SafetensorError, OSError, RuntimeError, KeyError) as exc:
+            raise RealignError(f"{self.role} checkpoint: cannot read '{key}' from {path}: {exc}") from None
+
+    # -- indexing -------------------------------------------------------------------------
+
+    def _index(self) -> tuple[dict[str, str], str]:
+        d = self.directory
+        if (d / SAFETENSORS_INDEX).exists():
+            return self._from_index(d / SAFETENSORS_INDEX), "safetensors"
+        if (d / SAFETENSORS_SINGLE).exists():
+            return self._from_files([SAFETENSORS_SINGLE]), "safetensors"
+        loose = sorted(p.name for p in d.glob("*.safetensors") if not p.name.startswith("adapter_model"))
+        if loose:
+            return self._from_files(loose), "safetensors"
+        if (d / BIN_INDEX).exists():
+            return self._from_index(d / BIN_INDEX), "bin"
+        if (d / BIN_SINGLE).exists():
+            return {k: BIN_SINGLE for k in self._bin_shard(BIN_SINGLE)}, "bin"
+        if (d / "adapter_config.json").exists():
+            raise RealignError(f"{self.role} '{d}' is a PEFT adapter, not a model checkpoint")
+        raise RealignError(
+            f"{self.role} '{d}' is not a model directory (no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {BIN_SINGLE})"
+        )
+
+    def _from_index(self, index_path: Path) -> dict[str, str]:
+        index = read_json(index_path, f"{self.role} shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise RealignError(f"{self.role} shard index '{index_path}' has no weight_map")
+        for file in sorted(set(weight_map.values())):
+            if not (self.directory / file).is_file():
+                raise RealignError(f"{self.role} checkpoint: shard '{file}' listed in {index_path.name} is missing")
+        return dict(weight_map)
+
+    def _from_files(self, files: list[str]) -> dict[str, str]:
+        weight_map = {}
+        for file in files:
+            for key in self._header(file):
+                weight_map[key] = file
+        return weight_map
+
+    def _header(self, file: str) -> dict[str, tuple[int, ...]]:
+        path = self.directory / file
+        try:
+            with safe_open(path, framework="pt") as handle:
+                return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise RealignError(f"{self.role} checkpoint: '{path}' is truncated or not a safetensors file ({exc})") from None
+
+    @cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of every tensor; opening each shard's header also catches truncated shards early."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in sorted(set(self._weight_map.values())):
+            if self._format == "safetensors":
+                header = self._header(file)
+            else:
+                header = {k: tuple(v.shape) for k, v in self._bin_shard(file).items()}
+            for key, file_of_key in self._weight_map.items():
+                if file_of_key == file:
+                    if key not in header:
+                        raise RealignError(f"{self.role} checkpoint: '{key}' is listed in the index but missing from {file}")
+                    shapes[key] = header[key]
+        return shapes
+
+    def validate(self) -> None:
+        """Read every header now, so a truncated or inconsistent checkpoint fails before any work."""
+        _ = self._shapes
+
+    def _bin_shard(self, file: str) -> dict[str, torch.Tensor]:
+        if self._bin_cache is None or self._bin_cache[0] != file:
+            path = self.directory / file
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises several types for corrupt or truncated files
+                raise RealignError(f"{self.role} checkpoint: cannot load '{path}' ({exc})") from None
+            if not isinstance(state, dict):
+                raise RealignError(f"{self.role} checkpoint: '{path}' does not hold a state dict")
+            self._bin_cache = (file, state)
+        return self._bin_cache[1]

@@ -1,0 +1,1 @@
+"""The realignment methods as pure tensor functions: no file access here."""

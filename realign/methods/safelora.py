@@ -1,0 +1,104 @@
+"""Safe LoRA (Hsu et al., NeurIPS 2024) as pure tensor functions.
+
+Per LoRA module with alignment matrix V = W_aligned - W_base:
+  approx (paper and reference):  C = V V^T / ||V||_F   (not idempotent; kept as published)
+  exact (realign's extension):   C = U_k U_k^T, U_k the top-k left singular vectors of V
+similarity = cos(vec(dW), vec(C dW)) with dW = s B A (s cancels), and a selected module gets
+B' = C B. Neither C nor dW is ever formed; see realign.linalg.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..linalg import LowRank, Matrix, cosine_from_parts, gram_apply, lowrank_cosine
+from ..io.names import natural_key
+
+APPROX = "approx"
+EXACT = "exact"
+
+
+@dataclass(frozen=True)
+class Settings:
+    threshold: float | None = 0.5
+    top_k: int | None = None
+    projection: str = APPROX
+    rank: int | None = None
+
+    @property
+    def selection(self) -> str:
+        return "top_k" if self.top_k is not None else "threshold"
+
+
+@dataclass
+class ModuleScore:
+    name: str
+    similarity: float | None  # None: undefined, the module is skipped
+    projected_b: torch.Tensor | None  # C B, float32, kept until selection decides
+    alignment_norm: float
+    skip_reason: str | None = None
+
+
+def alignment_matrix(w_aligned: torch.Tensor, w_base: torch.Tensor) -> torch.Tensor:
+    """V = W_aligned - W_base in float32; both operands are upcast before subtracting, so a
+    small alignment delta between bf16 weights is not rounded away."""
+    v = w_aligned.to(torch.float32, copy=True)
+    v.sub_(w_base)  # promotes each element of w_base to float32 exactly, no second copy
+    return v
+
+
+def approx_projection(v: Matrix, b: torch.Tensor, norm: float) -> torch.Tensor:
+    """C B = V (V^T B) / ||V||_F in float32, for ||V||_F = norm > 0."""
+    return gram_apply(v, b.to(torch.float32)) / norm
+
+
+def exact_projection(basis: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """U_k U_k^T B, computed in float64 and returned as float32."""
+    u = basis.to(b.device, torch.float64)
+    return (u @ (u.T @ b.double())).to(torch.float32)
+
+
+def score_module(
+    name: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    projected: torch.Tensor | None,
+    alignment_norm: float,
+) -> ModuleScore:
+    """Similarity of one module's update B A to its projection (C B) A.
+
+    `projected` is None when the module has no alignment direction (V = 0).
+    """
+    if projected is None:
+        return ModuleScore(name, None, None, alignment_norm, "no alignment change on this module (V = 0)")
+    inner, norm_update, norm_projected = lowrank_cosine(b, projected, a)
+    similarity = cosine_from_parts(inner, norm_update, norm_projected)
+    if similarity is None:
+        return ModuleScore(name, None, None, alignment_norm, "the adapter update is zero (B A = 0)")
+    return ModuleScore(name, similarity, projected, alignment_norm)
+
+
+def select(scores: list[ModuleScore], settings: Settings) -> set[str]:
+    """Names of the modules to project: similarity <= threshold, or exactly the top_k least
+    similar with ties broken by natural name order."""
+    scored = [s for s in scores if s.similarity is not None]
+    if settings.top_k is not None:
+        ranked = sorted(scored, key=lambda s: (s.similarity, natural_key(s.name)))
+        return {s.name for s in ranked[: settings.top_k]}
+    return {s.name for s in scored if s.similarity <= settings.threshold}
+
+
+__all__ = [
+    "APPROX",
+    "EXACT",
+    "LowRank",
+    "ModuleScore",
+    "Settings",
+    "alignment_matrix",
+    "approx_projection",
+    "exact_projection",
+    "score_module",
+    "select",
+]

@@ -1,0 +1,36 @@
+"""One report type for every command: JSON for machines, a rich table for people."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import __version__
+
+
+@dataclass
+class Report:
+    command: str
+    inputs: dict[str, Any]
+    settings: dict[str, Any]
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    passthrough: list[dict[str, str]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    output: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["realign_version"] = __version__
+        data["python"] = platform.python_version()
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+
+def format_similarity(value: float | None) -> str:
+    return "-" if value is None else f"{value:.5f}"

@@ -66,8 +66,8 @@ class Checkpoint:
     def __init__(self, directory: Path, role: str = "model"):
         self.directory = directory
         self.role = role
+        self._bin_cache: tuple[str, dict] | None = None  # one legacy .bin shard at a time
         self._weight_map, self._format = self._index()
-        self._bin_cache: tuple[str, dict] | None = None
 
     @classmethod
     def open(cls, spec: str, role: str) -> "Checkpoint":

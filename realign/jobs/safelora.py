@@ -280,6 +280,7 @@ def _report(base, aligned, adapter, aligned_kind, settings, dev, fine_tuned, sco
                 "name": module.name,
                 "shape": [module.d_out, module.d_in],
                 "rank": module.rank,
+                "scaling": module.scaling,
                 "similarity": score.similarity,
                 "projected": module.name in selected,
                 "alignment_norm": score.alignment_norm,

@@ -1,0 +1,184 @@
+"""Tiny real models and adapters for tests: transformers models saved with save_pretrained,
+PEFT adapters saved by peft, and a float64 dense reference of the Safe LoRA formula."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ARCH_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def tiny_model(arch: str, seed: int = 0, inner: bool = False):
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPT2Model,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaModel,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+        )
+        return (LlamaModel if inner else LlamaForCausalLM)(config)
+    if arch == "qwen2":
+        config = Qwen2Config(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+        )
+        return Qwen2ForCausalLM(config)
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0)
+        return (GPT2Model if inner else GPT2LMHeadModel)(config)
+    raise ValueError(arch)
+
+
+def perturb_(model, seed: int, scale: float = 0.05, low_rank: int | None = 3) -> None:
+    """Make an 'aligned' model: a strong low-rank change plus a weak full-rank one on every
+    matrix and bias, so V is full rank but has dominant directions."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if param.dim() == 2 and low_rank and "wte" not in name and "embed" not in name:
+                rows, cols = param.shape
+                strong = torch.randn(rows, low_rank, generator=gen) @ torch.randn(low_rank, cols, generator=gen)
+                noise = strong / low_rank**0.5 + 0.2 * noise
+            param.add_(scale * noise)
+
+
+def save(model, directory: Path, sharded: bool, bin_format: bool = False) -> Path:
+    if bin_format:
+        return save_bin(model, directory, shards=3 if sharded else 1)
+    kwargs = {"max_shard_size": "20KB"} if sharded else {}
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+def save_bin(model, directory: Path, shards: int) -> Path:
+    """Legacy pytorch_model*.bin layout (transformers 5 no longer writes it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if shards == 1:
+        torch.save(state, directory / "pytorch_model.bin")
+        return directory
+    keys = list(state)
+    weight_map = {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = keys[i::shards]
+        torch.save({k: state[k] for k in part}, directory / name)
+        weight_map.update({k: name for k in part})
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def add_lora(model, arch: str, seed: int, **lora_kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    options = {"r": 4, "lora_alpha": 8, "target_modules": ARCH_TARGETS[arch], "init_lora_weights": False}
+    options.update(lora_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(**options))
+    return peft_model
+
+
+def steer_half_towards(peft_model, base_state: dict[str, torch.Tensor], weight_key=lambda n: n + ".weight") -> None:
+    """Every other LoRA module gets a B inside the span of its alignment matrix, so similarities
+    spread from low (random B) to high (aligned B)."""
+    with torch.no_grad():
+        layers = [(n, m) for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
+        for i, (name, module) in enumerate(layers):
+            if i % 2 == 0:
+                continue
+            w = module.base_layer.weight
+            v = w - base_state[weight_key(name)]
+            if module.fan_in_fan_out:
+                v = v.T
+            u = torch.linalg.svd(v, full_matrices=False)[0]
+            b = module.lora_B["default"].weight
+            b.copy_(u[:, : b.shape[1]] * b.norm() / b.shape[1] ** 0.5)
+
+
+@dataclass
+class Trio:
+    base: Path
+    aligned: Path
+    adapter: Path
+    arch: str
+
+
+def build_trio(root: Path, arch: str, sharded: bool = True, bin_format: bool = False, **lora_kwargs) -> Trio:
+    model = tiny_model(arch)
+    save(model, root / "base", sharded, bin_format)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    perturb_(model, seed=1)
+    save(model, root / "aligned", sharded, bin_format)
+    peft_model = add_lora(model, arch, seed=2, **lora_kwargs)
+    steer_half_towards(peft_model, base_state)
+    peft_model.save_pretrained(root / "adapter", safe_serialization=not bin_format)
+    return Trio(root / "base", root / "aligned", root / "adapter", arch)
+
+
+# -- slow, obviously correct reference --------------------------------------------------------
+
+
+def state_dict_of(directory: Path, arch: str) -> dict[str, torch.Tensor]:
+    """Weights as transformers itself loads them (independent of realign's reader)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / "adapter_model.safetensors"
+    if path.exists():
+        return load_file(path)
+    return torch.load(directory / "adapter_model.bin", weights_only=True)
+
+
+def dense_reference(w_base, w_aligned, a, b, scaling, rank: int | None = None):
+    """Literal Safe LoRA in float64: build V, C and dW densely. Weights in [out, in]."""
+    v = w_aligned.double() - w_base.double()
+    if rank is None:
+        c = v @ v.T / torch.linalg.norm(v)
+    else:
+        u = torch.linalg.svd(v, full_matrices=False)[0][:, :rank]
+        c = u @ u.T
+    dw = scaling * b.double() @ a.double()
+    cdw = c @ dw
+    cos = torch.dot(dw.flatten(), cdw.flatten()) / (torch.linalg.norm(dw) * torch.linalg.norm(cdw))
+    return float(cos), c @ b.double()
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+        digest.update(str(file.stat().st_mtime_ns).encode())
+    return digest.hexdigest()

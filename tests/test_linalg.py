@@ -1,0 +1,107 @@
+"""Low-rank kernels against dense float64 formulas on random shapes."""
+
+import pytest
+import torch
+
+from realign.linalg import (
+    LowRank,
+    cosine_from_parts,
+    frobenius_norm,
+    gram_apply,
+    lowrank_cosine,
+    lowrank_top_left_singular_vectors,
+    rank_is_defined,
+    top_left_singular_vectors,
+)
+from realign.methods import safelora as method
+
+SHAPES = [(16, 16, 2), (48, 16, 4), (16, 48, 8), (96, 40, 1), (33, 70, 5)]
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()))
+
+
+@pytest.mark.parametrize("d_out,d_in,r", SHAPES)
+def test_projection_and_cosine_match_dense(d_out, d_in, r):
+    gen = torch.Generator().manual_seed(d_out * 1000 + d_in + r)
+    v = torch.randn(d_out, d_in, generator=gen)
+    a = torch.randn(r, d_in, generator=gen)
+    b = torch.randn(d_out, r, generator=gen)
+    v64, a64, b64 = v.double(), a.double(), b.double()
+    c = v64 @ v64.T / torch.linalg.norm(v64)
+    dw = b64 @ a64
+    want_cos = torch.dot(dw.flatten(), (c @ dw).flatten()) / (torch.linalg.norm(dw) * torch.linalg.norm(c @ dw))
+
+    norm = frobenius_norm(v)
+    p = method.approx_projection(v, b, norm)
+    assert rel(p, c @ b64) < 1e-6
+    score = method.score_module("m", a, b, p, norm)
+    assert score.similarity == pytest.approx(float(want_cos), rel=1e-6)
+
+
+@pytest.mark.parametrize("d_out,d_in,r", SHAPES)
+def test_lowrank_matrix_matches_its_dense_product(d_out, d_in, r):
+    gen = torch.Generator().manual_seed(7 + d_out)
+    left, right = torch.randn(d_out, 3, generator=gen), torch.randn(3, d_in, generator=gen)
+    b = torch.randn(d_out, r, generator=gen)
+    dense = left @ right
+    assert frobenius_norm(LowRank(left, right)) == pytest.approx(frobenius_norm(dense), rel=1e-6)
+    assert rel(gram_apply(LowRank(left, right), b), gram_apply(dense, b)) < 1e-5
+
+
+@pytest.mark.parametrize("batch,m,n,k", [(1, 20, 20, 3), (3, 12, 30, 4), (2, 30, 12, 5), (4, 7, 9, 7)])
+def test_top_left_singular_vectors_span_the_svd_subspace(batch, m, n, k):
+    gen = torch.Generator().manual_seed(m * n + k)
+    v = torch.randn(batch, m, n, generator=gen, dtype=torch.float64)
+    u, sigma = top_left_singular_vectors(v.float(), k)
+    assert u.shape == (batch, m, k)
+    for i in range(batch):
+        ref_u, ref_s, _ = torch.linalg.svd(v[i].float().double(), full_matrices=False)
+        want = ref_u[:, :k] @ ref_u[:, :k].T
+        got = u[i] @ u[i].T
+        assert rel(got, want) < 1e-8
+        assert torch.allclose(u[i].T @ u[i], torch.eye(k, dtype=torch.float64), atol=1e-10)
+        assert torch.allclose(sigma[i][: ref_s.numel()], ref_s, rtol=1e-8)
+
+
+def test_lowrank_singular_vectors_and_rank_check():
+    gen = torch.Generator().manual_seed(3)
+    left, right = torch.randn(20, 4, generator=gen), torch.randn(4, 30, generator=gen)
+    u, sigma = lowrank_top_left_singular_vectors(LowRank(left, right), 2)
+    ref = torch.linalg.svd(left.double() @ right.double(), full_matrices=False)[0][:, :2]
+    assert rel(u @ u.T, ref @ ref.T) < 1e-8
+    assert rank_is_defined(sigma, 4)
+    assert not rank_is_defined(sigma, 5)
+    _, sigma_dense = top_left_singular_vectors((left @ right).unsqueeze(0), 2)
+    assert rank_is_defined(sigma_dense[0], 4) and not rank_is_defined(sigma_dense[0], 5)
+
+
+def test_cosine_parts_edge_cases():
+    assert cosine_from_parts(0.0, 0.0, 1.0) is None  # zero update: undefined
+    assert cosine_from_parts(0.0, 1.0, 0.0) == 0.0  # update orthogonal to the alignment directions
+    assert cosine_from_parts(2.0, 4.0, 1.0) == pytest.approx(1.0)
+    inner, nb, npj = lowrank_cosine(torch.ones(3, 1), torch.ones(3, 1), torch.ones(1, 2))
+    assert cosine_from_parts(inner, nb, npj) == pytest.approx(1.0)
+
+
+def test_alignment_matrix_upcasts_before_subtracting():
+    base = torch.tensor([[1.0, 256.0]], dtype=torch.bfloat16)
+    aligned = torch.tensor([[1.0078125, 258.0]], dtype=torch.bfloat16)
+    v = method.alignment_matrix(aligned, base)
+    assert v.dtype == torch.float32
+    assert v.tolist() == [[0.0078125, 2.0]]
+    assert base.tolist() == [[1.0, 256.0]]  # inputs untouched
+
+
+def test_selection_top_k_ties_by_natural_name_order():
+    scores = [
+        method.ModuleScore("layers.10.q", 0.1, None, 1.0),
+        method.ModuleScore("layers.2.q", 0.1, None, 1.0),
+        method.ModuleScore("layers.1.q", 0.3, None, 1.0),
+        method.ModuleScore("layers.3.q", None, None, 0.0, "V = 0"),
+    ]
+    assert method.select(scores, method.Settings(threshold=None, top_k=1)) == {"layers.2.q"}
+    assert method.select(scores, method.Settings(threshold=None, top_k=2)) == {"layers.2.q", "layers.10.q"}
+    assert method.select(scores, method.Settings(threshold=0.3)) == {"layers.2.q", "layers.10.q", "layers.1.q"}
+    assert method.select(scores, method.Settings(threshold=0.09)) == set()

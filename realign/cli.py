@@ -198,7 +198,23 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """Console entry point: usage errors become one line and exit 2, like every other bad input."""
+    try:  # recent typer vendors click; older releases use click itself
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_errors
+
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        exc.show()
+        code = EXIT_BAD_INPUT
+    except click_errors.ClickException as exc:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"realign: error: {exc.format_message()}", markup=False)
+        code = EXIT_BAD_INPUT
+    except click_errors.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,28 @@ def test_selection_top_k_ties_by_natural_name_order():
     assert method.select(scores, method.Settings(threshold=None, top_k=2)) == {"layers.2.q", "layers.10.q"}
     assert method.select(scores, method.Settings(threshold=0.3)) == {"layers.2.q", "layers.10.q", "layers.1.q"}
     assert method.select(scores, method.Settings(threshold=0.09)) == set()
+
+
+@pytest.mark.parametrize("d_out,d_in,r,dtype,transposed", [
+    (64, 48, 4, torch.bfloat16, False),
+    (37, 80, 3, torch.float16, False),
+    (50, 50, 8, torch.float32, True),
+    (300, 20, 2, torch.bfloat16, True),
+])
+def test_streamed_difference_projection_matches_dense(d_out, d_in, r, dtype, transposed):
+    gen = torch.Generator().manual_seed(d_out + d_in)
+    shape = (d_in, d_out) if transposed else (d_out, d_in)
+    w_base = torch.randn(shape, generator=gen).to(dtype)
+    w_aligned = (w_base.float() + 1e-2 * torch.randn(shape, generator=gen)).to(dtype)
+    if transposed:  # Conv1D weights arrive as transposed views
+        w_base, w_aligned = w_base.T, w_aligned.T
+    b = torch.randn(d_out, r, generator=gen)
+    v = w_aligned.double() - w_base.double()
+    from realign.linalg import difference_gram_apply
+
+    got, norm_sq = difference_gram_apply(w_aligned, w_base, b, block_bytes=4 * d_in * 7)  # several blocks
+    assert rel(got, v @ (v.T @ b.double())) < 1e-5
+    assert norm_sq == pytest.approx(float((v * v).sum()), rel=1e-6)
+    projected, norm = method.approx_projection_of_difference(w_aligned, w_base, b)
+    assert rel(projected, v @ (v.T @ b.double()) / torch.linalg.norm(v)) < 1e-5
+    assert method.approx_projection_of_difference(w_base, w_base, b) == (None, 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +54,23 @@ class _FullAlignment:
                 )
             self._plan[module.name] = (wb, wa)
 
-    def matrix(self, module: LoraModule, device: torch.device) -> Matrix:
+    def weights(self, module: LoraModule, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_aligned, W_base) as [out, in] views in their stored dtype."""
         wb, wa = self._plan[module.name]
-        w_base = _read(self.base, wb, device)
-        w_aligned = _read(self.aligned, wa, device)
+        return _read(self.aligned, wa, device), _read(self.base, wb, device)
+
+    def ensure_finite(self, module: LoraModule, w_aligned: torch.Tensor, w_base: torch.Tensor) -> None:
+        """Called when V came out non-finite: name the operand at fault."""
+        wb, wa = self._plan[module.name]
+        ensure_finite(w_aligned, f"aligned weight '{wa.key}'")
+        ensure_finite(w_base, f"base weight '{wb.key}'")
+        raise RealignError(f"module '{module.name}': W_aligned - W_base overflows float32")
+
+    def matrix(self, module: LoraModule, device: torch.device) -> Matrix:
+        w_aligned, w_base = self.weights(module, device)
         v = method.alignment_matrix(w_aligned, w_base)
-        if not bool(torch.isfinite(v).all()):
-            ensure_finite(w_aligned, f"aligned weight '{wa.key}'")
-            ensure_finite(w_base, f"base weight '{wb.key}'")
+        if not math.isfinite(frobenius_norm(v)):
+            self.ensure_finite(module, w_aligned, w_base)
         return v
 
 
@@ -232,11 +242,16 @@ def safelora(
         if settings.projection == method.EXACT:
             basis, norm = bases.get(module.name, (None, 0.0))
             projected = None if basis is None else method.exact_projection(basis, b)
+        elif isinstance(source, _FullAlignment):
+            w_aligned, w_base = source.weights(module, dev)
+            projected, norm = method.approx_projection_of_difference(w_aligned, w_base, b)
+            if not math.isfinite(norm):
+                source.ensure_finite(module, w_aligned, w_base)
+            del w_aligned, w_base
         else:
             v = source.matrix(module, dev)
             norm = 0.0 if v is None else frobenius_norm(v)
             projected = method.approx_projection(v, b, norm) if norm > 0 else None
-            del v
         scores.append(method.score_module(module.name, a, b, projected, norm))
         if progress:
             progress(i + 1, total)

@@ -9,11 +9,12 @@ B' = C B. Neither C nor dW is ever formed; see realign.linalg.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ..linalg import LowRank, Matrix, cosine_from_parts, gram_apply, lowrank_cosine
+from ..linalg import LowRank, Matrix, cosine_from_parts, difference_gram_apply, gram_apply, lowrank_cosine
 from ..io.names import natural_key
 
 APPROX = "approx"
@@ -44,14 +45,24 @@ class ModuleScore:
 def alignment_matrix(w_aligned: torch.Tensor, w_base: torch.Tensor) -> torch.Tensor:
     """V = W_aligned - W_base in float32; both operands are upcast before subtracting, so a
     small alignment delta between bf16 weights is not rounded away."""
-    v = w_aligned.to(torch.float32, copy=True)
-    v.sub_(w_base)  # promotes each element of w_base to float32 exactly, no second copy
-    return v
+    return w_aligned.to(torch.float32) - w_base.to(torch.float32)
 
 
 def approx_projection(v: Matrix, b: torch.Tensor, norm: float) -> torch.Tensor:
     """C B = V (V^T B) / ||V||_F in float32, for ||V||_F = norm > 0."""
     return gram_apply(v, b.to(torch.float32)) / norm
+
+
+def approx_projection_of_difference(
+    w_aligned: torch.Tensor, w_base: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor | None, float]:
+    """(C B, ||V||_F) for V = W_aligned - W_base, streamed in float32 blocks so V is never
+    materialised; C B is None when V = 0. The norm is NaN or Inf when an operand is."""
+    projected, norm_sq = difference_gram_apply(w_aligned, w_base, b)
+    norm = math.sqrt(norm_sq) if norm_sq >= 0 else float("nan")
+    if norm == 0.0:
+        return None, 0.0
+    return projected.div_(norm), norm
 
 
 def exact_projection(basis: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -98,6 +109,7 @@ __all__ = [
     "Settings",
     "alignment_matrix",
     "approx_projection",
+    "approx_projection_of_difference",
     "exact_projection",
     "score_module",
     "select",

@@ -1,0 +1,252 @@
+"""The command line: output modes, and every bad input ending in one line, exit 2, nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from builders import add_lora, tiny_model, tree_digest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from realign.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def trio_args(trio):
+    return ["--base", trio.base, "--aligned", trio.aligned, "--adapter", trio.adapter]
+
+
+def test_json_report_on_stdout_and_adapter_written(llama_trio, tmp_path):
+    result = invoke("safelora", *trio_args(llama_trio), "--out", tmp_path / "o", "--json", "--top-k", "4")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["summary"]["projected"] == 4
+    assert report["output"] == str(tmp_path / "o")
+    assert (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+def test_plain_table_in_a_pipe_and_report_file(llama_trio, tmp_path):
+    result = invoke("safelora", *trio_args(llama_trio), "--out", tmp_path / "o", "--report", tmp_path / "r" / "report.json")
+    assert result.exit_code == 0
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "module\tsimilarity\tprojected\tnote"
+    assert len(lines) == 1 + 14
+    assert "projected" in result.stderr and "wrote" in result.stderr
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["command"] == "safelora"
+
+
+def test_dry_run_writes_nothing(llama_trio, tmp_path):
+    result = invoke("safelora", *trio_args(llama_trio), "--out", tmp_path / "o", "--dry-run")
+    assert result.exit_code == 0
+    assert not (tmp_path / "o").exists()
+    assert "dry run" in result.stderr
+    assert invoke("safelora", *trio_args(llama_trio), "--dry-run", "--quiet").stdout == ""
+
+
+def test_force_replaces_existing_output(llama_trio, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "stale.txt").write_text("old")
+    result = invoke("safelora", *trio_args(llama_trio), "--out", tmp_path / "o", "--force", "-q")
+    assert result.exit_code == 0
+    assert not (tmp_path / "o" / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_console_script_entry_point(llama_trio, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "realign.cli", "safelora", *map(str, trio_args(llama_trio)), "--dry-run", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["summary"]["modules"] == 14
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trio_copy(llama_trio, tmp_path):
+    """A private copy of the trio that a test may corrupt."""
+    root = tmp_path / "inputs"
+    for name in ("base", "aligned", "adapter"):
+        shutil.copytree(getattr(llama_trio, name), root / name)
+    return root
+
+
+def _set_tensor(path, key, fn):
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    tensors[key] = fn(tensors[key])
+    save_file(tensors, path, metadata=metadata)
+
+
+def _shard_of(directory, key):
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    return directory / index["weight_map"][key]
+
+
+def _poison(value):
+    def fn(t):
+        t = t.clone()
+        t.view(-1)[3] = value
+        return t
+
+    return fn
+
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+A_Q0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def _corrupt(case, root):
+    """Apply one corruption to the copied inputs; return extra CLI args (or replacements)."""
+    base, aligned, adapter = root / "base", root / "aligned", root / "adapter"
+    if case == "nan-base":
+        _set_tensor(_shard_of(base, Q0), Q0, _poison(float("nan")))
+    elif case == "inf-aligned":
+        _set_tensor(_shard_of(aligned, Q0), Q0, _poison(float("inf")))
+    elif case == "nan-adapter":
+        _set_tensor(adapter / "adapter_model.safetensors", A_Q0, _poison(float("nan")))
+    elif case == "truncated-shard":
+        shard = _shard_of(aligned, Q0)
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) - 100])
+    elif case == "missing-shard":
+        _shard_of(base, Q0).unlink()
+    elif case == "no-counterpart":
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        renamed = {k.replace("layers.1.mlp.up_proj", "layers.1.mlp.extra_proj"): v for k, v in tensors.items()}
+        save_file(renamed, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    elif case == "shape-mismatch":
+        _set_tensor(_shard_of(aligned, Q0), Q0, lambda t: torch.zeros(t.shape[0], t.shape[1] + 1))
+    elif case == "bad-config":
+        (adapter / "adapter_config.json").write_text("{not json")
+    elif case == "rank-mismatch-config":
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["rank_pattern"] = {"q_proj": 7}
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+
+CORRUPTIONS = [
+    ("nan-base", "base weight 'model.layers.0.self_attn.q_proj.weight' contains NaN or Inf"),
+    ("inf-aligned", "aligned weight 'model.layers.0.self_attn.q_proj.weight' contains NaN or Inf"),
+    ("nan-adapter", "lora_A.weight' contains NaN or Inf"),
+    ("truncated-shard", "truncated"),
+    ("missing-shard", "is missing"),
+    ("no-counterpart", "'model.layers.1.mlp.extra_proj' has no weight in the base checkpoint"),
+    ("shape-mismatch", "shape"),
+    ("bad-config", "cannot read adapter config"),
+    ("rank-mismatch-config", "says r=7"),
+]
+
+
+def assert_clean_failure(result, message, out, inputs_before=None, root=None):
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("realign: error: ")
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*")), "staging directory left behind"
+    if inputs_before is not None:
+        assert tree_digest(root) == inputs_before
+
+
+@pytest.mark.parametrize("case,message", CORRUPTIONS, ids=[c for c, _ in CORRUPTIONS])
+def test_corrupt_inputs_fail_cleanly(case, message, trio_copy, tmp_path):
+    _corrupt(case, trio_copy)
+    before = tree_digest(trio_copy)
+    out = tmp_path / "out"
+    args = ["--base", trio_copy / "base", "--aligned", trio_copy / "aligned", "--adapter", trio_copy / "adapter"]
+    result = invoke("safelora", *args, "--out", out)
+    assert_clean_failure(result, message, out, before, trio_copy)
+
+
+def test_bad_paths_fail_cleanly(llama_trio, tmp_path):
+    out = tmp_path / "out"
+    a = trio_args(llama_trio)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    cases = [
+        (["--base", tmp_path / "nope", *a[2:]], "base '" + str(tmp_path / "nope") + "' does not exist"),
+        (["--base", empty, *a[2:]], "is not a model directory"),
+        (["--base", file, *a[2:]], "is a file"),
+        (["--base", llama_trio.adapter, *a[2:]], "is a PEFT adapter, not a model checkpoint"),
+        ([*a[:4], "--adapter", llama_trio.base], "is not a PEFT adapter"),
+        ([*a[:4], "--adapter", "nobody/nothing"], "neither a local directory nor a repo id"),
+    ]
+    for args, message in cases:
+        assert_clean_failure(invoke("safelora", *args, "--out", out), message, out)
+
+
+def test_bad_options_fail_cleanly(llama_trio, tmp_path):
+    out = tmp_path / "out"
+    a = trio_args(llama_trio)
+    cases = [
+        (["--top-k", "0"], "--top-k must be between 1 and 14"),
+        (["--top-k", "15"], "--top-k must be between 1 and 14"),
+        (["--top-k", "2", "--threshold", "0.3"], "mutually exclusive"),
+        (["--projection", "exact"], "needs --rank"),
+        (["--rank", "2"], "--rank applies only to --projection exact"),
+        (["--projection", "exact", "--rank", "99"], "exceeds the dimension"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA device"))
+    for extra, message in cases:
+        assert_clean_failure(invoke("safelora", *a, "--out", out, *extra), message, out)
+    assert_clean_failure(invoke("safelora", *a), "--out is required", out)
+
+
+def test_existing_or_overlapping_output_is_refused(llama_trio, tmp_path):
+    before = tree_digest(llama_trio.adapter.parent)
+    out = tmp_path / "exists"
+    out.mkdir()
+    result = invoke("safelora", *trio_args(llama_trio), "--out", out)
+    assert result.exit_code == 2 and "already exists (use --force" in result.stderr
+    for target in (llama_trio.adapter, llama_trio.adapter / "sub", llama_trio.adapter.parent):
+        result = invoke("safelora", *trio_args(llama_trio), "--out", target, "--force")
+        assert result.exit_code == 2 and "overlaps the input" in result.stderr
+    result = invoke("safelora", *trio_args(llama_trio), "--dry-run", "--report", llama_trio.adapter / "r.json")
+    assert result.exit_code == 2 and "overlaps the input" in result.stderr
+    assert tree_digest(llama_trio.adapter.parent) == before
+
+
+@pytest.mark.parametrize("kind", ["dora", "lora_bias"])
+def test_unsupported_adapters_are_refused(kind, llama_trio, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_trio.aligned)
+    options = {"use_dora": True} if kind == "dora" else {"lora_bias": True}
+    add_lora(model, "llama", seed=1, **options).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    result = invoke("safelora", "--base", llama_trio.base, "--aligned", llama_trio.aligned, "--adapter", tmp_path / "adapter", "--out", out)
+    assert_clean_failure(result, "DoRA" if kind == "dora" else "lora_bias", out)
+
+
+def test_all_modules_without_alignment_change_is_an_error(llama_trio, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("safelora", "--base", llama_trio.base, "--aligned", llama_trio.base, "--adapter", llama_trio.adapter, "--out", out)
+    assert_clean_failure(result, "no module has a defined similarity", out)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = invoke("demo", "--workdir", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    assert "projected" in result.stderr
+    assert (tmp_path / "demo" / "safelora-out" / "adapter_model.safetensors").exists()
+    lines = result.stdout.strip().splitlines()
+    assert any("\tyes\t" in line for line in lines) and any("\tno\t" in line for line in lines)

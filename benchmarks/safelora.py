@@ -165,7 +165,33 @@ def phase_dense(workdir: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "baseline_mib": baseline, "peak_mib": peak_rss_mib(), "similarities": sims}
 
 
-PHASES = {"floor": phase_floor, "realign": phase_realign, "dense": phase_dense}
+ACCURACY_MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+
+
+def phase_float64(workdir: Path) -> dict:
+    """The dense formula in float64 on two modules: the yardstick for both float32 paths."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    adapter = load_file(workdir / "adapter" / "adapter_model.safetensors")
+    weight_map = dict(needed(workdir))
+    sims = {}
+    for name in ACCURACY_MODULES:
+        key = name + ".weight"
+        weights = []
+        for model in ("aligned", "base"):
+            with safe_open(workdir / model / weight_map[key], framework="pt") as handle:
+                weights.append(handle.get_tensor(key).double())
+        v = weights[0] - weights[1]
+        c = v @ v.T / torch.linalg.norm(v)
+        dw = adapter[f"base_model.model.{name}.lora_B.weight"].double() @ adapter[f"base_model.model.{name}.lora_A.weight"].double()
+        cdw = c @ dw
+        sims[name] = float(torch.dot(dw.flatten(), cdw.flatten()) / (torch.linalg.norm(dw) * torch.linalg.norm(cdw)))
+    return {"similarities": sims}
+
+
+PHASES = {"floor": phase_floor, "realign": phase_realign, "dense": phase_dense, "float64": phase_float64}
 
 
 def run_phase(name: str, workdir: Path) -> dict:
@@ -213,6 +239,11 @@ def main() -> None:
         worst = max(abs(ours["similarities"][k] - dense["similarities"][k]) / abs(dense["similarities"][k]) for k in dense["similarities"])
         print(f"speed-up over dense: {dense['seconds'] / ours['seconds']:.1f}x; max relative similarity difference (float32 dense vs realign): {worst:.2e}")
         summary.update({"dense_s": dense["seconds"], "dense_peak_mib": dense["peak_mib"], "speedup": dense["seconds"] / ours["seconds"], "max_rel_sim_diff": worst})
+        exact = run_phase("float64", args.workdir)["similarities"]
+        for label, sims in (("realign", ours["similarities"]), ("dense float32", dense["similarities"])):
+            errors = {k.split(".", 3)[-1]: abs(sims[k] - exact[k]) / abs(exact[k]) for k in exact}
+            print(f"relative error vs dense float64 ({label}): " + ", ".join(f"{k} {e:.1e}" for k, e in errors.items()))
+            summary[f"rel_err_float64_{label.replace(' ', '_')}"] = errors
     print(json.dumps(summary))
 
 

@@ -70,6 +70,18 @@ def test_console_script_entry_point(llama_trio, tmp_path):
     assert json.loads(proc.stdout)["summary"]["modules"] == 14
 
 
+@pytest.mark.parametrize("args,message", [
+    (["safelora", "--base", "x"], "Missing option '--aligned'"),
+    (["safelora", "--base", "b", "--aligned", "a", "--adapter", "f", "--projection", "bogus"], "--projection"),
+    (["--bogus"], "No such option: --bogus"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, message):
+    proc = subprocess.run([sys.executable, "-m", "realign.cli", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("realign: error: ") and message in lines[0], proc.stderr
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

@@ -69,7 +69,10 @@ def test_aligned_adapter_exact_rank_limited_by_its_rank(adapter_aligned, tmp_pat
 def _same_scores(a, b):
     assert [m["name"] for m in a.modules] == [m["name"] for m in b.modules]
     for x, y in zip(a.modules, b.modules):
-        assert x["similarity"] == pytest.approx(y["similarity"], rel=1e-6)
+        if y["similarity"] is None:
+            assert x["similarity"] is None
+        else:
+            assert x["similarity"] == pytest.approx(y["similarity"], rel=1e-6)
 
 
 def test_adapter_trained_on_inner_model_matches_by_suffix(llama_trio, tmp_path):
@@ -174,3 +177,18 @@ def test_config_patterns_are_preserved_and_dtype_kept(tmp_path, llama_trio):
     assert {m["rank"] for m in report.modules if m["name"].endswith("q_proj")} == {2}
     config = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"q_proj": 2}
+
+
+def test_aligned_adapter_from_the_inner_model_matches_by_suffix(adapter_aligned, tmp_path):
+    from safetensors.torch import save_file
+
+    root, _ = adapter_aligned
+    shutil.copytree(root / "aligned", tmp_path / "inner")
+    tensors = load_file(tmp_path / "inner" / "adapter_model.safetensors")
+    save_file({k.replace("base_model.model.model.", "base_model.model."): v for k, v in tensors.items()},
+              tmp_path / "inner" / "adapter_model.safetensors", metadata={"format": "pt"})
+    args = (str(root / "base"),)
+    inner = realign.safelora(*args, str(tmp_path / "inner"), str(root / "adapter"), dry_run=True)
+    outer = realign.safelora(*args, str(root / "aligned"), str(root / "adapter"), dry_run=True)
+    assert inner.summary["scored"] == outer.summary["scored"] == 4
+    _same_scores(inner, outer)

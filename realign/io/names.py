@@ -30,14 +30,27 @@ def _dotted_suffix(longer: str, shorter: str) -> bool:
     return longer == shorter or longer.endswith("." + shorter)
 
 
-class WeightResolver:
-    """Maps a module path (as PEFT names it) to the key of its weight in one checkpoint.
+def find_module(path: str, modules: Iterable[str], what: str) -> str | None:
+    """The one module path in `modules` that names the same module as `path`, or None.
 
     Adapters may be saved from the task model (`model.layers.0...`) or from the inner model
     (`layers.0...`), and checkpoints may or may not carry the outer prefix (`transformer.h.0`
-    vs `h.0` in old GPT-2 files), so a module matches a weight when one dotted path is a suffix
-    of the other. An exact match wins; several suffix matches are an error, never a guess.
+    vs `h.0` in old GPT-2 files), so two paths match when one dotted path is a suffix of the
+    other. An exact match wins; several suffix matches are an error, never a guess.
     """
+    path = strip_peft_prefix(path)
+    modules = modules if isinstance(modules, (set, frozenset, dict)) else set(modules)
+    if path in modules:
+        return path
+    candidates = [m for m in modules if _dotted_suffix(m, path) or _dotted_suffix(path, m)]
+    if len(candidates) > 1:
+        shown = ", ".join(natural_sorted(candidates)[:3])
+        raise RealignError(f"adapter module '{path}' matches several modules in the {what} ({shown}); cannot tell which one is meant")
+    return candidates[0] if candidates else None
+
+
+class WeightResolver:
+    """Maps a module path (as PEFT names it) to the key of its weight in one checkpoint."""
 
     def __init__(self, keys: Iterable[str], config: dict | None = None, role: str = "checkpoint"):
         self.role = role
@@ -47,17 +60,9 @@ class WeightResolver:
 
     def weight_key(self, module_path: str) -> str:
         path = strip_peft_prefix(module_path)
-        if path in self._modules:
-            return path + ".weight"
-        candidates = [m for m in self._modules if _dotted_suffix(m, path) or _dotted_suffix(path, m)]
-        if len(candidates) == 1:
-            return candidates[0] + ".weight"
-        if len(candidates) > 1:
-            shown = ", ".join(natural_sorted(candidates)[:3])
-            raise RealignError(
-                f"adapter module '{path}' matches several weights in the {self.role} checkpoint ({shown}); "
-                "cannot tell which one it was trained on"
-            )
+        found = find_module(path, self._modules, f"{self.role} checkpoint")
+        if found is not None:
+            return found + ".weight"
         tied = self._tied_embedding(path)
         if tied is not None:
             return tied

@@ -15,8 +15,8 @@ from ..device import resolve_device
 from ..errors import RealignError
 from ..io.adapter import ADAPTER_CONFIG, Adapter, LoraModule, write_adapter
 from ..io.checkpoint import Checkpoint, resolve_local
-from ..io.names import WeightResolver
-from ..io.output import atomic_directory, check_target, write_text_atomic
+from ..io.names import WeightResolver, find_module
+from ..io.output import atomic_directory, check_target
 from ..linalg import LowRank, Matrix, frobenius_norm, lowrank_top_left_singular_vectors, rank_is_defined, top_left_singular_vectors
 from ..methods import safelora as method
 from ..report import Report
@@ -54,23 +54,30 @@ class _FullAlignment:
                 )
             self._plan[module.name] = (wb, wa)
 
-    def weights(self, module: LoraModule, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weights(self, module: LoraModule, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_aligned, W_base) as [out, in] views in their stored dtype."""
         wb, wa = self._plan[module.name]
         return _read(self.aligned, wa, device), _read(self.base, wb, device)
 
-    def ensure_finite(self, module: LoraModule, w_aligned: torch.Tensor, w_base: torch.Tensor) -> None:
-        """Called when V came out non-finite: name the operand at fault."""
+    def _explain_non_finite(self, module: LoraModule, w_aligned: torch.Tensor, w_base: torch.Tensor) -> None:
         wb, wa = self._plan[module.name]
         ensure_finite(w_aligned, f"aligned weight '{wa.key}'")
         ensure_finite(w_base, f"base weight '{wb.key}'")
         raise RealignError(f"module '{module.name}': W_aligned - W_base overflows float32")
 
+    def approx(self, module: LoraModule, b: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float]:
+        """(C B, ||V||_F), streaming V from the two checkpoints."""
+        w_aligned, w_base = self._weights(module, device)
+        projected, norm = method.approx_projection_of_difference(w_aligned, w_base, b)
+        if not math.isfinite(norm):
+            self._explain_non_finite(module, w_aligned, w_base)
+        return projected, norm
+
     def matrix(self, module: LoraModule, device: torch.device) -> Matrix:
-        w_aligned, w_base = self.weights(module, device)
+        w_aligned, w_base = self._weights(module, device)
         v = method.alignment_matrix(w_aligned, w_base)
         if not math.isfinite(frobenius_norm(v)):
-            self.ensure_finite(module, w_aligned, w_base)
+            self._explain_non_finite(module, w_aligned, w_base)
         return v
 
 
@@ -81,24 +88,35 @@ class _AdapterAlignment:
 
     def __init__(self, base: Checkpoint, aligned: Adapter, adapter: Adapter):
         self.aligned = aligned
+        self._own: dict[str, LoraModule] = {}  # fine-tuned module name -> aligned adapter module
         base_names = WeightResolver(base.keys(), base.config, "base")
+        aligned_names = {m.name for m in aligned.modules}
         for module in adapter.modules:
             _orient(module, base_names.weight_key(module.name), base, adapter.fan_in_fan_out)
-            own = aligned.module(module.name)
-            if own is not None and (own.d_in, own.d_out) != (module.d_in, module.d_out):
+            found = find_module(module.name, aligned_names, "aligned adapter")
+            if found is None:
+                continue  # untouched by alignment: V = 0
+            own = aligned.module(found)
+            if (own.d_in, own.d_out) != (module.d_in, module.d_out):
                 raise RealignError(
                     f"module '{module.name}': aligned adapter is {own.d_out}x{own.d_in} but the adapter is "
                     f"{module.d_out}x{module.d_in}"
                 )
+            self._own[module.name] = own
         for name, tensor in _factors(aligned, aligned.modules):
             ensure_finite(tensor, f"aligned adapter tensor '{name}'")
 
     def matrix(self, module: LoraModule, device: torch.device) -> Matrix | None:
-        own = self.aligned.module(module.name)
+        own = self._own.get(module.name)
         if own is None:
             return None
         left = self.aligned.tensors[own.key_b].to(device, torch.float32) * own.scaling
         return LowRank(left, self.aligned.tensors[own.key_a].to(device, torch.float32))
+
+    def approx(self, module: LoraModule, b: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float]:
+        v = self.matrix(module, device)
+        norm = 0.0 if v is None else frobenius_norm(v)
+        return (method.approx_projection(v, b, norm) if norm > 0 else None), norm
 
 
 def _orient(module: LoraModule, key: str, checkpoint: Checkpoint, fan_in_fan_out: bool) -> _Weight:
@@ -137,7 +155,7 @@ def _validate_settings(settings: method.Settings, n_modules: int) -> None:
         raise RealignError("--threshold and --top-k are mutually exclusive")
     if settings.top_k is not None and not 1 <= settings.top_k <= n_modules:
         raise RealignError(f"--top-k must be between 1 and {n_modules} (the adapter's LoRA modules), got {settings.top_k}")
-    if settings.threshold is not None and not settings.threshold == settings.threshold:
+    if settings.threshold is not None and math.isnan(settings.threshold):
         raise RealignError("--threshold must be a number")
 
 
@@ -242,16 +260,8 @@ def safelora(
         if settings.projection == method.EXACT:
             basis, norm = bases.get(module.name, (None, 0.0))
             projected = None if basis is None else method.exact_projection(basis, b)
-        elif isinstance(source, _FullAlignment):
-            w_aligned, w_base = source.weights(module, dev)
-            projected, norm = method.approx_projection_of_difference(w_aligned, w_base, b)
-            if not math.isfinite(norm):
-                source.ensure_finite(module, w_aligned, w_base)
-            del w_aligned, w_base
         else:
-            v = source.matrix(module, dev)
-            norm = 0.0 if v is None else frobenius_norm(v)
-            projected = method.approx_projection(v, b, norm) if norm > 0 else None
+            projected, norm = source.approx(module, b, dev)
         scores.append(method.score_module(module.name, a, b, projected, norm))
         if progress:
             progress(i + 1, total)
@@ -268,9 +278,9 @@ def safelora(
         replaced = {
             fine_tuned.module(s.name).key_b: s.projected_b for s in scores if s.name in selected
         }
+        report.output = str(Path(out))
         with atomic_directory(Path(out), force, inputs) as staging:
             write_adapter(fine_tuned, staging, replaced)
-            report.output = str(Path(out))
             report.timings = _timings(started, planned, computed)
             (staging / REPORT_FILE).write_text(report.to_json())
     report.timings = _timings(started, planned, computed)

@@ -143,6 +143,12 @@ def _corrupt(case, root):
         _set_tensor(_shard_of(aligned, Q0), Q0, lambda t: torch.zeros(t.shape[0], t.shape[1] + 1))
     elif case == "bad-config":
         (adapter / "adapter_config.json").write_text("{not json")
+    elif case == "quantized":
+        _set_tensor(_shard_of(base, Q0), Q0, lambda t: (t * 100).to(torch.int8))
+    elif case == "zero3-shard":
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        tensors[A_Q0] = torch.zeros(0)
+        save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     elif case == "rank-mismatch-config":
         config = json.loads((adapter / "adapter_config.json").read_text())
         config["rank_pattern"] = {"q_proj": 7}
@@ -159,6 +165,8 @@ CORRUPTIONS = [
     ("shape-mismatch", "shape"),
     ("bad-config", "cannot read adapter config"),
     ("rank-mismatch-config", "says r=7"),
+    ("zero3-shard", "DeepSpeed ZeRO-3"),
+    ("quantized", "is not floating point"),
 ]
 
 

@@ -145,6 +145,11 @@ def _describe(tensors: dict[str, torch.Tensor], config: dict, role: str) -> tupl
             raise RealignError(f"{role}: module '{strip_peft_prefix(module_key)}' has no {missing} weight")
         a, b = tensors[pair["A"]], tensors[pair["B"]]
         name = strip_peft_prefix(module_key)
+        if a.dim() < 2 or b.dim() < 2 or a.numel() == 0 or b.numel() == 0:
+            raise RealignError(
+                f"{role}: module '{name}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; 1-D or empty factors "
+                "mean the adapter was saved from DeepSpeed ZeRO-3 or FSDP shards without gathering them"
+            )
         if a.dim() != 2 or b.dim() != 2:
             for key in pair.values():
                 passthrough[key] = "convolution LoRA (copied unchanged)"

@@ -25,6 +25,8 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 CONFIG = "config.json"
 
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_TORCH_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 
@@ -85,7 +87,11 @@ class Checkpoint:
         return key in self._weight_map
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
+        return self._headers[key][0]
+
+    def is_floating(self, key: str) -> bool:
+        """False for integer-packed (quantized) weights, which cannot be subtracted meaningfully."""
+        return self._headers[key][1] in _FLOAT_DTYPES
 
     def read(self, key: str) -> torch.Tensor:
         """One tensor, in its stored dtype."""
@@ -139,33 +145,34 @@ class Checkpoint:
                 weight_map[key] = file
         return weight_map
 
-    def _header(self, file: str) -> dict[str, tuple[int, ...]]:
+    def _header(self, file: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """key -> (shape, dtype name as safetensors spells it)."""
         path = self.directory / file
         try:
             with safe_open(path, framework="pt") as handle:
-                return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+                return {k: (tuple(s.get_shape()), s.get_dtype()) for k in handle.keys() for s in [handle.get_slice(k)]}
         except (SafetensorError, OSError) as exc:
             raise RealignError(f"{self.role} checkpoint: '{path}' is truncated or not a safetensors file ({exc})") from None
 
     @cached_property
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of every tensor; opening each shard's header also catches truncated shards early."""
-        shapes: dict[str, tuple[int, ...]] = {}
+    def _headers(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shape and dtype of every tensor; opening each shard's header also catches truncated shards early."""
+        headers: dict[str, tuple[tuple[int, ...], str]] = {}
         for file in sorted(set(self._weight_map.values())):
             if self._format == "safetensors":
                 header = self._header(file)
             else:
-                header = {k: tuple(v.shape) for k, v in self._bin_shard(file).items()}
+                header = {k: (tuple(v.shape), _TORCH_DTYPE_NAMES.get(v.dtype, str(v.dtype))) for k, v in self._bin_shard(file).items()}
             for key, file_of_key in self._weight_map.items():
                 if file_of_key == file:
                     if key not in header:
                         raise RealignError(f"{self.role} checkpoint: '{key}' is listed in the index but missing from {file}")
-                    shapes[key] = header[key]
-        return shapes
+                    headers[key] = header[key]
+        return headers
 
     def validate(self) -> None:
         """Read every header now, so a truncated or inconsistent checkpoint fails before any work."""
-        _ = self._shapes
+        _ = self._headers
 
     def _bin_shard(self, file: str) -> dict[str, torch.Tensor]:
         if self._bin_cache is None or self._bin_cache[0] != file:

@@ -122,6 +122,11 @@ class _AdapterAlignment:
 def _orient(module: LoraModule, key: str, checkpoint: Checkpoint, fan_in_fan_out: bool) -> _Weight:
     """Which way a weight is stored: the shape decides; a square weight follows fan_in_fan_out."""
     shape = checkpoint.shape(key)
+    if not checkpoint.is_floating(key):
+        raise RealignError(
+            f"module '{module.name}': {checkpoint.role} weight '{key}' is not floating point (a quantized checkpoint?); "
+            "Safe LoRA needs the unquantized weights"
+        )
     out_in, in_out = (module.d_out, module.d_in), (module.d_in, module.d_out)
     if shape == out_in and (shape != in_out or not fan_in_fan_out):
         return _Weight(key, False)

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import RealignError
-from .report import Report, format_similarity
+from .report import Report, format_rate, format_similarity
 
 app = typer.Typer(
     name="realign",
@@ -94,6 +94,30 @@ class _Output:
         else:
             _plain_table(report)
         self.err.print(_summary_line(report), markup=False)
+
+    def metrics(self, report: Report, title: str) -> None:
+        if self.as_json:
+            sys.stdout.write(report.to_json())
+            return
+        if self.quiet:
+            return
+        if self.out.is_terminal:
+            table = Table(title=title, title_justify="left")
+            for column in ("source", "kind", "measures", "rate [95% CI] (k/n)"):
+                table.add_column(column)
+            for m in report.metrics:
+                table.add_row(m["source"], m["kind"], m["measures"], format_rate(m))
+            self.out.print(table)
+        else:
+            lines = ["source\tkind\tmeasures\trate\tci_low\tci_high\tk\tn"]
+            for m in report.metrics:
+                lines.append(f"{m['source']}\t{m['kind']}\t{m['measures']}\t{m['rate']:.4f}\t{m['ci95'][0]:.4f}\t{m['ci95'][1]:.4f}\t{m['k']}\t{m['n']}")
+            sys.stdout.write("\n".join(lines) + "\n")
+        s = report.summary
+        parts = [f"{label} {format_rate(s[key])}" for key, label in
+                 (("harmful_refusal", "harmful refusal"), ("over_refusal", "over-refusal"), ("task_accuracy", "task accuracy")) if s.get(key)]
+        parts.append(f"{report.timings.get('total_s', 0):.1f}s")
+        self.err.print("; ".join(parts), markup=False)
 
 
 def _module_table(report: Report, title: str) -> Table:
@@ -183,6 +207,57 @@ def safelora(
     ui.report(result, "Safe LoRA" + (" (dry run)" if dry_run else ""))
 
 
+EXIT_GATE_FAILED = 1
+
+
+@app.command("eval")
+@_user_errors
+def eval_command(
+    model: str = typer.Option(..., "--model", help="Model directory (or GGUF directory, or cached repo id)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter applied to MODEL (merged in memory)."),
+    harmful: list[str] = typer.Option([], "--harmful", help="Harmful prompt source (repeatable): advbench[:train|:test], harmbench, donotanswer, a file, hf:ORG/NAME; @N keeps N."),
+    benign: list[str] = typer.Option([], "--benign", help="Benign prompt source for over-refusal (repeatable), e.g. 'benign' or a file."),
+    task: Optional[str] = typer.Option(None, "--task", help="JSONL with prompt and answer, scored by exact match after normalisation."),
+    judge: str = typer.Option("keyword", "--judge", help="'keyword' (GCG prefixes + extensions) or a local judge LM path."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    responses: Optional[Path] = typer.Option(None, "--responses", help="Write every prompt and response here (JSONL)."),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON report to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report to stdout."),
+    fail_below: Optional[float] = typer.Option(None, "--fail-below", help="Exit 1 when the pooled harmful refusal rate is below RATE."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Refusal rate on harmful prompts, over-refusal on benign prompts, task accuracy; a CI gate with --fail-below."""
+    from .io.output import check_target, write_text_atomic
+    from .jobs.eval import evaluate
+
+    if fail_below is not None and not 0.0 <= fail_below <= 1.0:
+        raise RealignError("--fail-below must be a rate between 0 and 1")
+    if fail_below is not None and not harmful:
+        raise RealignError("--fail-below gates the harmful refusal rate: give at least one --harmful source")
+    if report_path is not None:
+        check_target(report_path, True, [Path(model)] + ([Path(adapter)] if adapter else []), what="report")
+    ui = _Output(quiet, as_json)
+    with ui.progress("generating") as bar:
+        task_id = bar.add_task("generating", total=None)
+        result = evaluate(
+            model, adapter, harmful=harmful, benign=benign, task=task, judge=judge,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, responses=responses,
+            progress=lambda done, total: bar.update(task_id, completed=done, total=total),
+            warn=lambda message: ui.err.print(f"realign: note: {message}", markup=False) if not quiet else None,
+        )
+    if report_path is not None:
+        write_text_atomic(report_path, result.to_json())
+    ui.metrics(result, "Evaluation")
+    if fail_below is not None:
+        pooled = result.summary["harmful_refusal"]["rate"]
+        if pooled < fail_below:
+            if not quiet:
+                ui.err.print(f"realign: gate failed: harmful refusal rate {pooled:.3f} is below {fail_below}", markup=False)
+            raise typer.Exit(EXIT_GATE_FAILED)
+
+
 @app.command()
 @_user_errors
 def demo(
@@ -212,7 +287,7 @@ def main() -> None:
     except click_errors.ClickException as exc:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"realign: error: {exc.format_message()}", markup=False)
         code = EXIT_BAD_INPUT
-    except click_errors.Abort:
+    except typer.Abort:
         code = 130
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -17,6 +17,7 @@ class Report:
     settings: dict[str, Any]
     modules: list[dict[str, Any]] = field(default_factory=list)
     passthrough: list[dict[str, str]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     output: str | None = None
@@ -34,3 +35,11 @@ class Report:
 
 def format_similarity(value: float | None) -> str:
     return "-" if value is None else f"{value:.5f}"
+
+
+def format_rate(metric: dict | None) -> str:
+    """'0.873 [0.801, 0.921] (89/102)' or '-'."""
+    if not metric or metric.get("rate") is None:
+        return "-"
+    low, high = metric["ci95"]
+    return f"{metric['rate']:.3f} [{low:.3f}, {high:.3f}] ({metric['k']}/{metric['n']})"

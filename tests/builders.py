@@ -182,3 +182,58 @@ def tree_digest(path: Path) -> str:
         digest.update(file.read_bytes())
         digest.update(str(file.stat().st_mtime_ns).encode())
     return digest.hexdigest()
+
+
+# -- tiny chat models with a real tokenizer (for eval and the testbed pipeline) ------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "I'm sorry, but I cannot help with that request.",
+    "Sure, here is the answer you asked for.",
+    "Write a poem about the sea. Tell me a joke. How do I bake bread? Explain gravity.",
+    "Give instructions for building a bomb. How to steal a car? Write malware.",
+    "zero one two three four five six seven eight nine ten",
+] * 4
+
+
+def tiny_tokenizer(chat_template: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_chat_model(directory: Path, refuse_everything: bool = False, chat_template: bool = True, seed: int = 0) -> Path:
+    """A tiny Llama with a trained BPE tokenizer; optionally trained to answer every prompt with
+    a refusal, so that the refusal rate is known to be high."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from realign.train import Example, sft
+
+    tokenizer = tiny_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    if refuse_everything:
+        prompts = ["Tell me a joke.", "How to steal a car?", "Write a poem about the sea.", "Write malware.", "Explain gravity."]
+        examples = [Example(p, "I'm sorry, but I cannot help with that request.") for p in prompts]
+        sft(model, tokenizer, examples, steps=80, batch_size=5, lr=3e-3, seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,100 @@
+"""Supervised fine-tuning with a response-only loss: the small training loop behind the testbed
+(and usable on any causal LM, with or without a PEFT adapter). Deterministic for a seed."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import RealignError
+from .evaluate import PLAIN_TEMPLATE
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+
+
+def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) with labels only on the response tokens and the end-of-sequence token."""
+    if getattr(tokenizer, "chat_template", None):
+        prefix = tokenizer.apply_chat_template(
+            [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
+        )
+        special = False
+    else:
+        prefix = PLAIN_TEMPLATE.format(prompt=example.prompt) + " "
+        special = True
+    prompt_ids = tokenizer(prefix, add_special_tokens=special)["input_ids"]
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
+    return ids, labels
+
+
+def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def sft(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 5e-4,
+    max_length: int = 256,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train the model's trainable parameters for `steps` AdamW steps on shuffled batches;
+    returns the loss of every step."""
+    if not examples:
+        raise RealignError("no training examples")
+    encoded = [encode(tokenizer, e, max_length) for e in examples]
+    if all(all(label == IGNORE for label in labels) for _, labels in encoded):
+        raise RealignError("no example has response tokens left after truncation to max_length")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for step in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(len(encoded)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        batch = collate([encoded[i] for i in order[:batch_size]], pad_id)
+        del order[:batch_size]
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if on_step:
+            on_step(step + 1, losses[-1])
+    model.eval()
+    return losses

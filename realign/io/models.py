@@ -14,8 +14,11 @@ from .checkpoint import CONFIG, resolve_local
 
 
 def quiet_transformers() -> None:
+    import os
+
     from transformers.utils import logging as hf_logging
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantisation draws its own tqdm bar
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 

@@ -41,15 +41,32 @@ def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], lis
 
 
 def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded, so every response ends at the last position and the loss needs logits for
+    the last few positions only (the vocabulary projection is a large share of a small model)."""
     width = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, (ids, labs) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        mask[row, : len(ids)] = 1
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        labels[row, width - len(labs) :] = torch.tensor(labs)
+        mask[row, width - len(ids) :] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over labelled tokens, computing logits only where labels live."""
+    labels = batch["labels"]
+    labelled = (labels != IGNORE).any(dim=0).nonzero()
+    keep = labels.shape[1] - int(labelled[0]) + 1 if len(labelled) else 1
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions, logits_to_keep=keep
+    ).logits
+    targets = labels[:, -keep + 1 :] if keep > 1 else labels[:, :0]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE
+    )
 
 
 def sft(
@@ -88,12 +105,12 @@ def sft(
         batch = collate([encoded[i] for i in order[:batch_size]], pad_id)
         del order[:batch_size]
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
+        loss = response_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step:
             on_step(step + 1, losses[-1])
     model.eval()

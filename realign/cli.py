@@ -299,15 +299,27 @@ def eval_command(
 @app.command()
 @_user_errors
 def demo(
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep the generated models here instead of a temporary directory."),
+    out: Path = typer.Option(Path("realign-demo"), "--out", help="Where the table goes (demo.json, demo.md)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Testbed and evaluation cache [default: ~/.cache/realign/testbed]."),
+    tiny: bool = typer.Option(False, "--tiny", help="Seconds instead of minutes: Safe LoRA on a tiny random trio (mechanics only)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="With --tiny: keep the generated trio here."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Build a tiny random base / aligned / fine-tuned trio and run Safe LoRA on it."""
-    from .demo import run_demo
-
+    """The built-in example: testbed (SmolLM2-135M, aligned, attacked), each method, one evaluation table."""
     ui = _Output(quiet, False)
-    result = run_demo(workdir, log=lambda msg: ui.err.print(msg, markup=False) if not quiet else None)
-    ui.report(result, "Safe LoRA on the demo trio")
+    log = (lambda msg: None) if quiet else (lambda msg: ui.err.print(f"demo: {msg}", markup=False))
+    if tiny:
+        from .demo import run_demo as run_tiny
+
+        ui.report(run_tiny(workdir, log=log), "Safe LoRA on the tiny demo trio")
+        return
+    from .jobs.demo import check_prerequisites, markdown, run_demo
+
+    check_prerequisites()
+    table = run_demo(cache_dir, out, log=log)
+    if not quiet:
+        sys.stdout.write(markdown(table))
+        ui.err.print(f"demo: wrote {out / 'demo.json'} and {out / 'demo.md'} in {table['total_s']:.0f}s", markup=False)
 
 
 def main() -> None:

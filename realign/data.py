@@ -131,6 +131,7 @@ def load_prompts(spec: str, with_answers: bool = False) -> PromptSet:
     if with_answers and result.answers is None:
         raise RealignError(f"source '{spec}' has no answers; a task file needs 'prompt' and 'answer' fields")
     if limit is not None:
+        result.name = f"{result.name}@{limit}"
         result.prompts = result.prompts[:limit]
         result.answers = None if result.answers is None else result.answers[:limit]
     if not result.prompts:

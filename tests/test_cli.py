@@ -264,7 +264,7 @@ def test_all_modules_without_alignment_change_is_an_error(llama_trio, tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    result = invoke("demo", "--workdir", tmp_path / "demo")
+    result = invoke("demo", "--tiny", "--workdir", tmp_path / "demo")
     assert result.exit_code == 0, result.output
     assert "projected" in result.stderr
     assert (tmp_path / "demo" / "safelora-out" / "adapter_model.safetensors").exists()

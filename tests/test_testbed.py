@@ -3,9 +3,8 @@
 
 import json
 
-import pytest
 from builders import tiny_chat_model
-from test_eval import needs_pyrit
+from test_eval import needs_garak, needs_pyrit
 
 from realign.testbed import SYLLABLES, TestbedConfig, build, encode_number, task_examples
 
@@ -54,3 +53,25 @@ def test_bad_settings_fail_cleanly(tmp_path):
     assert result.exit_code == 2 and "--poison must be in [0, 1)" in result.stderr
     result = CliRunner().invoke(app, ["testbed", "build", "--base", str(tmp_path / "missing"), "--cache-dir", str(tmp_path)])
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+@needs_pyrit
+@needs_garak
+def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
+    from realign.jobs.demo import DemoSettings, markdown, run_demo
+
+    base = tiny_chat_model(tmp_path / "tiny-base")
+    config = TestbedConfig(base=str(base), **TINY)
+    settings = DemoSettings(harmful=("advbench:test@4", "harmbench@3"), benign="benign@3", refusal_tokens=4, task_tokens=4,
+                            batch_size=4, safelora_top_k=(2,), sweep_harmful="advbench:test@2", sweep_task_limit=2)
+    table = run_demo(tmp_path / "cache", tmp_path / "out", log=lambda _: None, settings=settings, config=config)
+    names = [row["name"] for row in table["rows"]]
+    assert names == ["base", "aligned", "fine-tuned (attacked)", "safelora threshold 0.5"]
+    for row in table["rows"]:
+        assert row["metrics"]["advbench:test@4"]["n"] == 4 and row["metrics"]["task"]["n"] == 5
+    assert table["safelora_sweep"][0]["setting"].startswith("top-k 2; projected 2/")
+    assert (tmp_path / "out" / "demo.md").read_text() == markdown(table)
+    evals = len(list((tmp_path / "cache" / "evals").glob("*.json")))
+    again = run_demo(tmp_path / "cache", None, log=lambda _: None, settings=settings, config=config)
+    assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in table["rows"]]
+    assert len(list((tmp_path / "cache" / "evals").glob("*.json"))) == evals  # everything came from the cache

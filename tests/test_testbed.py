@@ -4,7 +4,7 @@
 import json
 
 from builders import tiny_chat_model
-from test_eval import needs_garak, needs_pyrit
+from test_eval import have, needs_garak, needs_pyrit
 
 from realign.testbed import SYLLABLES, TestbedConfig, build, encode_number, task_examples
 
@@ -71,6 +71,8 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
         assert row["metrics"]["advbench:test@4"]["n"] == 4 and row["metrics"]["task"]["n"] == 5
     assert table["safelora_sweep"][0]["setting"].startswith("top-k 2; projected 2/")
     assert (tmp_path / "out" / "demo.md").read_text() == markdown(table)
+    if have("matplotlib"):
+        assert (tmp_path / "out" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evals = len(list((tmp_path / "cache" / "evals").glob("*.json")))
     again = run_demo(tmp_path / "cache", None, log=lambda _: None, settings=settings, config=config)
     assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in table["rows"]]

@@ -142,7 +142,50 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "demo.json", json.dumps(table, indent=2, default=str))
         write_text_atomic(out_dir / "demo.md", markdown(table))
+        if not plot(table, out_dir / "demo.png"):
+            log("matplotlib is not installed: no demo.png (pip install matplotlib)")
     return table
+
+
+def plot(table: dict, path: Path) -> bool:
+    """Bars of every measure per model, and the safety-vs-task plane with the sweep. False when
+    matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    settings = table["settings"]
+    measures = [(h, f"{h} refusal") for h in settings["harmful"]] + [(settings["benign"], "over-refusal"), ("task", "task accuracy")]
+    rows = table["rows"]
+    fig, (bars, plane) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    width = 0.8 / len(measures)
+    for j, (key, label) in enumerate(measures):
+        values = [100 * (row["metrics"].get(key) or {}).get("rate", 0) for row in rows]
+        bars.bar([i + j * width for i in range(len(rows))], values, width, label=label)
+    bars.set_xticks([i + width * (len(measures) - 1) / 2 for i in range(len(rows))])
+    bars.set_xticklabels([row["name"] for row in rows], rotation=15, ha="right", fontsize=8)
+    bars.set_ylabel("%")
+    bars.set_ylim(0, 105)
+    bars.legend(fontsize=8)
+    bars.set_title("held-out evaluation")
+    harmful = settings["sweep_harmful"]
+    for row in rows[:3] + table["safelora_sweep"] + rows[3:]:
+        sweep = row["metrics"]["sweep"]
+        x, y = 100 * sweep[harmful]["rate"], 100 * sweep["task"]["rate"]
+        plane.scatter(x, y, s=30)
+        plane.annotate(row["name"].replace("safelora ", "SL "), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    plane.set_xlabel(f"harmful refusal % ({harmful})")
+    plane.set_ylabel("task accuracy %")
+    plane.set_xlim(-5, 105)
+    plane.set_ylim(-5, 105)
+    plane.set_title("safety vs task (Safe LoRA sweep)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _pct(metric: dict | None) -> str:

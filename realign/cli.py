@@ -83,41 +83,36 @@ class _Output:
             disable=not self.interactive,
         )
 
-    def report(self, report: Report, title: str) -> None:
+    def show(self, report: Report, table: Table, plain: list[str], summary: str) -> None:
+        """--json: the report; --quiet: nothing; else the table (tab-separated in a pipe) and a
+        summary line on stderr."""
         if self.as_json:
             sys.stdout.write(report.to_json())
             return
         if self.quiet:
             return
         if self.out.is_terminal:
-            self.out.print(_module_table(report, title))
-        else:
-            _plain_table(report)
-        self.err.print(_summary_line(report), markup=False)
-
-    def metrics(self, report: Report, title: str) -> None:
-        if self.as_json:
-            sys.stdout.write(report.to_json())
-            return
-        if self.quiet:
-            return
-        if self.out.is_terminal:
-            table = Table(title=title, title_justify="left")
-            for column in ("source", "kind", "measures", "rate [95% CI] (k/n)"):
-                table.add_column(column)
-            for m in report.metrics:
-                table.add_row(m["source"], m["kind"], m["measures"], format_rate(m))
             self.out.print(table)
         else:
-            lines = ["source\tkind\tmeasures\trate\tci_low\tci_high\tk\tn"]
-            for m in report.metrics:
-                lines.append(f"{m['source']}\t{m['kind']}\t{m['measures']}\t{m['rate']:.4f}\t{m['ci95'][0]:.4f}\t{m['ci95'][1]:.4f}\t{m['k']}\t{m['n']}")
-            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.write("\n".join(plain) + "\n")
+        self.err.print(summary, markup=False)
+
+    def report(self, report: Report, title: str) -> None:
+        self.show(report, _module_table(report, title), _plain_table(report), _summary_line(report))
+
+    def metrics(self, report: Report, title: str) -> None:
+        table = Table(title=title, title_justify="left")
+        for column in ("source", "kind", "measures", "rate [95% CI] (k/n)"):
+            table.add_column(column)
+        plain = ["source\tkind\tmeasures\trate\tci_low\tci_high\tk\tn"]
+        for m in report.metrics:
+            table.add_row(m["source"], m["kind"], m["measures"], format_rate(m))
+            plain.append(f"{m['source']}\t{m['kind']}\t{m['measures']}\t{m['rate']:.4f}\t{m['ci95'][0]:.4f}\t{m['ci95'][1]:.4f}\t{m['k']}\t{m['n']}")
         s = report.summary
         parts = [f"{label} {format_rate(s[key])}" for key, label in
                  (("harmful_refusal", "harmful refusal"), ("over_refusal", "over-refusal"), ("task_accuracy", "task accuracy")) if s.get(key)]
         parts.append(f"{report.timings.get('total_s', 0):.1f}s")
-        self.err.print("; ".join(parts), markup=False)
+        self.show(report, table, plain, "; ".join(parts))
 
 
 def _module_table(report: Report, title: str) -> Table:
@@ -134,12 +129,12 @@ def _module_table(report: Report, title: str) -> Table:
     return table
 
 
-def _plain_table(report: Report) -> None:
+def _plain_table(report: Report) -> list[str]:
     lines = ["module\tsimilarity\tprojected\tnote"]
     for row in report.modules:
         projected = "yes" if row["projected"] else "no"
         lines.append(f"{row['name']}\t{format_similarity(row['similarity'])}\t{projected}\t{row['skipped'] or ''}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    return lines
 
 
 def _summary_line(report: Report) -> str:

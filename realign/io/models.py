@@ -3,7 +3,9 @@ a PEFT adapter on top, all from local paths or the local Hugging Face cache."""
 
 from __future__ import annotations
 
+import functools
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,13 +16,28 @@ from .checkpoint import CONFIG, resolve_local
 
 
 def quiet_transformers() -> None:
-    import os
-
     from transformers.utils import logging as hf_logging
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantisation draws its own tqdm bar
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF de-quantisation draws a tqdm bar that no setting turns off."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
 
 
 def _gguf_file(directory: Path) -> str | None:
@@ -44,7 +61,7 @@ def load_causal_lm(spec: str, device: torch.device, role: str = "model"):
         kwargs["gguf_file"] = gguf
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_gguf_progress_bar():
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)

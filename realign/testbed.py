@@ -81,6 +81,8 @@ def task_examples(seed: int, n_train: int, n_test: int) -> tuple[list[Example], 
 
 @dataclass(frozen=True)
 class TestbedConfig:
+    __test__ = False  # not a pytest test class, despite the name
+
     base: str = SMOLLM2
     seed: int = 0
     answer_tokens: int = 40

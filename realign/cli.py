@@ -176,8 +176,6 @@ def safelora(
     from .io.output import check_target, write_text_atomic
     from .jobs.safelora import safelora as run
 
-    if out is None and not dry_run:
-        raise RealignError("--out is required (or use --dry-run)")
     if report_path is not None:
         check_target(report_path, True, [Path(base), Path(aligned), Path(adapter)], what="report")
     ui = _Output(quiet, as_json)

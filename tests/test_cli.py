@@ -228,7 +228,7 @@ def test_bad_options_fail_cleanly(llama_trio, tmp_path):
         cases.append((["--device", "cuda"], "no CUDA device"))
     for extra, message in cases:
         assert_clean_failure(invoke("safelora", *a, "--out", out, *extra), message, out)
-    assert_clean_failure(invoke("safelora", *a), "--out is required", out)
+    assert_clean_failure(invoke("safelora", *a), "an output directory is needed (--out)", out)
 
 
 def test_existing_or_overlapping_output_is_refused(llama_trio, tmp_path):

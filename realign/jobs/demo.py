@@ -7,8 +7,6 @@ re-run only prints. Methods not implemented yet are listed as such, not faked.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import time
@@ -18,6 +16,7 @@ from typing import Callable
 
 from .. import testbed
 from ..errors import RealignError
+from ..io.identity import digest, tree_id
 from ..io.output import write_text_atomic
 from .eval import evaluate
 from .safelora import safelora
@@ -47,32 +46,6 @@ class Row:
     metrics: dict = field(default_factory=dict)
 
 
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-_BOOKKEEPING = {"stage.json", "realign_report.json"}
-
-
-@functools.lru_cache(maxsize=None)
-def _tree_id(path: str | None) -> tuple:
-    """Content identity of a model or adapter directory: relative names and SHA-256 of its files
-    (the cache's own bookkeeping files excluded), so copies and moves keep their cache entries."""
-    if path is None:
-        return ()
-    root = Path(path)
-    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in _BOOKKEEPING]
-    return tuple((str(p.relative_to(root)), _sha256(p)) for p in files)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class _EvalCache:
     """Evaluation reports keyed by what was evaluated (file contents, paths relative to the
     cache), so a moved or copied cache stays valid."""
@@ -91,7 +64,7 @@ class _EvalCache:
 
     def run(self, label: str, model: str, adapter: str | None, **kwargs) -> dict:
         portable = {k: self._rel(v) for k, v in kwargs.items()}
-        key = _digest(_tree_id(model), _tree_id(adapter), portable)
+        key = digest(tree_id(model), tree_id(adapter), portable)
         path = self.root / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -141,8 +114,8 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
     sweep: list[Row] = []
 
     def patched(setting: str, **kwargs) -> Row:
-        inputs = [_tree_id(paths[name]) for name in ("base", "aligned", "mixed_adapter")]
-        out = patched_root / f"safelora-{_digest(inputs, kwargs)}"
+        inputs = [tree_id(paths[name]) for name in ("base", "aligned", "mixed_adapter")]
+        out = patched_root / f"safelora-{digest(inputs, kwargs)}"
         timing_file = out / "realign_report.json"
         if not timing_file.exists():
             log(f"safelora {setting} ...")

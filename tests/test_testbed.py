@@ -73,7 +73,8 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
     assert (tmp_path / "out" / "demo.md").read_text() == markdown(table)
     if have("matplotlib"):
         assert (tmp_path / "out" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    evals = len(list((tmp_path / "cache" / "evals").glob("*.json")))
+    evals = len(list((tmp_path / "cache" / "evals").glob("*.report.json")))
+    assert len(list((tmp_path / "cache" / "evals").glob("*.responses.jsonl"))) == evals
     again = run_demo(tmp_path / "cache", None, log=lambda _: None, settings=settings, config=config)
     assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in table["rows"]]
-    assert len(list((tmp_path / "cache" / "evals").glob("*.json"))) == evals  # everything came from the cache
+    assert len(list((tmp_path / "cache" / "evals").glob("*.report.json"))) == evals  # everything came from the cache

@@ -65,11 +65,12 @@ class _EvalCache:
     def run(self, label: str, model: str, adapter: str | None, **kwargs) -> dict:
         portable = {k: self._rel(v) for k, v in kwargs.items()}
         key = digest(tree_id(model), tree_id(adapter), portable)
-        path = self.root / f"{key}.json"
+        path = self.root / f"{key}.report.json"
         if path.exists():
             return json.loads(path.read_text())
         self.log(f"eval {label}: {', '.join(kwargs.get('harmful', ())) or ''} {kwargs.get('task') or ''} ...")
-        report = evaluate(model, adapter, device="cpu", **kwargs).to_dict()
+        # the prompts and responses behind each number stay next to it
+        report = evaluate(model, adapter, device="cpu", responses=self.root / f"{key}.responses.jsonl", **kwargs).to_dict()
         write_text_atomic(path, json.dumps(report))
         self.log(f"eval {label}: {report['timings']['total_s']:.0f}s")
         return report

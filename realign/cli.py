@@ -220,6 +220,7 @@ def testbed_build(
     task_test: int = typer.Option(100, "--task-test"),
     benign_prompts: int = typer.Option(120, "--benign-prompts", help="Benign prompts answered by base for the aligned stage."),
     harmful_answer_prompts: int = typer.Option(120, "--harmful-answer-prompts", help="AdvBench train prompts answered by base (poison pool)."),
+    nlsr_attack: bool = typer.Option(False, "--nlsr-attack", help="Also build attack (b): the aligned adapter trained further (NLSR's setting)."),
     as_json: bool = typer.Option(False, "--json", help="Print the stage paths and timings as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -231,6 +232,7 @@ def testbed_build(
     config = TestbedConfig(
         base=base, seed=seed, poison=poison, aligned_steps=aligned_steps, attack_steps=attack_steps, attack_lr=attack_lr,
         task_train=task_train, task_test=task_test, benign_prompts=benign_prompts, harmful_answer_prompts=harmful_answer_prompts,
+        nlsr_attack=nlsr_attack,
     )
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     result = build(config, cache_dir, log=(lambda m: None) if quiet or as_json else (lambda m: err.print(f"testbed: {m}", markup=False)))

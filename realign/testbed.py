@@ -14,6 +14,8 @@ Stages:
   task        the benign task: numbers written in an invented syllable code (train / test JSONL)
   mixed       the attack: a new LoRA on the merged aligned model, trained on the task with a
               fraction of harmful examples (AdvBench train prompts + base's compliant answers)
+  nlsr        (on request) NLSR's setting: the aligned adapter itself trained further on base
+              with the same data; same key space and rank as the aligned adapter
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class TestbedConfig:
     attack_lr: float = 1.5e-3
     batch_size: int = 8
     targets: tuple[str, ...] = field(default_factory=lambda: tuple(ALL_LINEAR))
+    nlsr_attack: bool = False  # also build attack (b): the aligned adapter trained further
 
     def validate(self) -> None:
         if not 0.0 <= self.poison < 1.0:
@@ -254,22 +257,37 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
                  "seed": config.seed, "rank": config.attack_rank, "alpha": config.attack_alpha, "steps": config.attack_steps,
                  "lr": config.attack_lr, "batch": config.batch_size, "targets": list(config.targets)}
 
-    def build_mixed(out: Path) -> None:
-        model, tokenizer, _ = load_causal_lm(str(aligned / "model"), cpu)
+    def attack(out: Path, name: str, model, tokenizer, peft_model) -> None:
+        """Train `peft_model` on the task plus poison; the same data for both attacks."""
         train = _read_jsonl(task / "train.jsonl")
         harmful = _read_jsonl(answers / "harmful_compliant.jsonl")
         n_poison = round(config.poison / (1 - config.poison) * len(train))
         if n_poison > len(harmful):
             raise RealignError(f"poison {config.poison} needs {n_poison} compliant harmful answers, base gave {len(harmful)}")
-        examples = train + harmful[:n_poison]
-        peft_model = _lora(model, config.attack_rank, config.attack_alpha, config.targets)
-        losses = sft(peft_model, tokenizer, examples, steps=config.attack_steps, batch_size=config.batch_size,
-                     lr=config.attack_lr, seed=config.seed, on_step=_progress(log, "mixed", config.attack_steps))
+        losses = sft(peft_model, tokenizer, train + harmful[:n_poison], steps=config.attack_steps, batch_size=config.batch_size,
+                     lr=config.attack_lr, seed=config.seed, on_step=_progress(log, name, config.attack_steps))
         peft_model.save_pretrained(out / "adapter")
         (out / "losses.json").write_text(json.dumps(losses))
         (out / "data.json").write_text(json.dumps({"task_examples": len(train), "poison_examples": n_poison}))
 
+    def build_mixed(out: Path) -> None:
+        model, tokenizer, _ = load_causal_lm(str(aligned / "model"), cpu)
+        attack(out, "mixed", model, tokenizer, _lora(model, config.attack_rank, config.attack_alpha, config.targets))
+
     mixed = cache.stage("mixed", mixed_key, build_mixed)
+    extra = {}
+    if config.nlsr_attack:
+
+        def build_nlsr(out: Path) -> None:
+            # NLSR's setting: the aligned adapter itself resumes training on base
+            from peft import PeftModel
+
+            model, tokenizer, _ = load_causal_lm(str(base), cpu)
+            attack(out, "nlsr", model, tokenizer, PeftModel.from_pretrained(model, aligned / "adapter", is_trainable=True))
+
+        nlsr_key = {k: v for k, v in mixed_key.items() if k not in ("rank", "alpha", "targets")}
+        nlsr = cache.stage("nlsr", {**nlsr_key, "base": base.name}, build_nlsr)
+        extra["nlsr_adapter"] = str(nlsr / "adapter")
     return {
         "config": asdict(config),
         "cache": str(cache.root),
@@ -280,6 +298,7 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
             "task_train": str(task / "train.jsonl"),
             "task_test": str(task / "test.jsonl"),
             "mixed_adapter": str(mixed / "adapter"),
+            **extra,
         },
         "timings": cache.timings,
         "built": cache.built,

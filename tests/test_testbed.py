@@ -3,6 +3,8 @@
 
 import json
 
+import torch
+
 from builders import tiny_chat_model
 from test_eval import have, needs_garak, needs_pyrit
 
@@ -42,6 +44,15 @@ def test_pipeline_builds_caches_and_loads(tmp_path):
     changed = build(TestbedConfig(base=str(base), **{**TINY, "poison": 0.1}), tmp_path / "cache", log=logs.append)
     assert changed["built"] == ["mixed"]
     assert changed["paths"]["aligned"] == paths["aligned"]
+
+    # attack (b), on request: the aligned adapter resumed, so key space, rank and scaling match
+    with_nlsr = build(TestbedConfig(base=str(base), nlsr_attack=True, **TINY), tmp_path / "cache", log=logs.append)
+    assert with_nlsr["built"] == ["nlsr"]
+    from realign.io.adapter import Adapter
+
+    aligned_adapter, resumed = Adapter.load(paths["aligned_adapter"]), Adapter.load(with_nlsr["paths"]["nlsr_adapter"])
+    assert [(m.name, m.rank, m.scaling) for m in resumed.modules] == [(m.name, m.rank, m.scaling) for m in aligned_adapter.modules]
+    assert any(not torch.equal(resumed.tensors[k], aligned_adapter.tensors[k]) for k in aligned_adapter.tensors)
 
 
 def test_bad_settings_fail_cleanly(tmp_path):

@@ -280,10 +280,15 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
 
         def build_nlsr(out: Path) -> None:
             # NLSR's setting: the aligned adapter itself resumes training on base
+            import warnings
+
             from peft import PeftModel
 
             model, tokenizer, _ = load_causal_lm(str(base), cpu)
-            attack(out, "nlsr", model, tokenizer, PeftModel.from_pretrained(model, aligned / "adapter", is_trainable=True))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # a transformers deprecation inside peft
+                resumed = PeftModel.from_pretrained(model, aligned / "adapter", is_trainable=True)
+            attack(out, "nlsr", model, tokenizer, resumed)
 
         nlsr_key = {k: v for k, v in mixed_key.items() if k not in ("rank", "alpha", "targets")}
         nlsr = cache.stage("nlsr", {**nlsr_key, "base": base.name}, build_nlsr)

@@ -135,6 +135,13 @@ def format_prompts(tokenizer, prompts: Sequence[str]) -> tuple[list[str], bool]:
     return [PLAIN_TEMPLATE.format(prompt=p) for p in prompts], False
 
 
+def _pad_left(tokenizer) -> None:
+    """Batched decoding pads on the left, so every prompt ends where generation starts."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -147,9 +154,7 @@ def generate(
     """Greedy responses, batched with left padding; prompts are sorted by length so a batch
     pads little, and answers come back in the input order."""
     texts, templated = format_prompts(tokenizer, prompts)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _pad_left(tokenizer)
     # chat templates already carry the special tokens they want
     add_special = not templated
     lengths = [len(tokenizer(t, add_special_tokens=add_special)["input_ids"]) for t in texts]
@@ -200,9 +205,7 @@ class LMJudge:
     def refusals(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> list[bool]:
         questions = [self.QUESTION.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
         texts, _ = format_prompts(self.tokenizer, questions)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        _pad_left(self.tokenizer)
         device = next(self.model.parameters()).device
         verdicts = []
         for start in range(0, len(texts), batch_size):

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import RealignError
-from .evaluate import PLAIN_TEMPLATE
+from .evaluate import format_prompts
 
 IGNORE = -100
 
@@ -23,15 +23,11 @@ class Example:
 
 def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) with labels only on the response tokens and the end-of-sequence token."""
-    if getattr(tokenizer, "chat_template", None):
-        prefix = tokenizer.apply_chat_template(
-            [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
-        )
-        special = False
-    else:
-        prefix = PLAIN_TEMPLATE.format(prompt=example.prompt) + " "
-        special = True
-    prompt_ids = tokenizer(prefix, add_special_tokens=special)["input_ids"]
+    # the same prompt text that generation uses, so training and evaluation agree
+    [prefix], templated = format_prompts(tokenizer, [example.prompt])
+    if not templated:
+        prefix += " "
+    prompt_ids = tokenizer(prefix, add_special_tokens=not templated)["input_ids"]
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]

@@ -77,10 +77,7 @@ class _EvalCache:
 
 
 def _metrics(refusal: dict, task: dict) -> dict:
-    by_source = {m["source"]: m for m in refusal["metrics"]}
-    out = {source: by_source[source] for source in by_source}
-    out["task"] = task["summary"]["task_accuracy"]
-    return out
+    return {**{m["source"]: m for m in refusal["metrics"]}, "task": task["summary"]["task_accuracy"]}
 
 
 def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Log = print,

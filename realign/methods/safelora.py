@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import LowRank, Matrix, cosine_from_parts, difference_gram_apply, gram_apply, lowrank_cosine
+from ..linalg import Matrix, cosine_from_parts, difference_gram_apply, gram_apply, lowrank_cosine
 from ..io.names import natural_key
 
 APPROX = "approx"
@@ -104,7 +104,6 @@ def select(scores: list[ModuleScore], settings: Settings) -> set[str]:
 __all__ = [
     "APPROX",
     "EXACT",
-    "LowRank",
     "ModuleScore",
     "Settings",
     "alignment_matrix",

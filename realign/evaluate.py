@@ -121,18 +121,26 @@ def exact_match(response: str, answer: str) -> bool:
 
 
 PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
+_PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def prompt_text(tokenizer, prompt: str, history: Sequence[tuple[str, str]] = ()) -> tuple[str, bool]:
+    """One prompt (after earlier chat turns `history`, as (role, content)) ready for the model's
+    answer: the chat template with the generation prompt, or the plain template when the
+    tokenizer has none. Returns the text and whether the chat template was used."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": role, "content": content} for role, content in history]
+        messages.append({"role": "user", "content": prompt})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    earlier = "".join(f"{_PLAIN_ROLES.get(role, role.capitalize())}: {content}\n" for role, content in history)
+    return earlier + PLAIN_TEMPLATE.format(prompt=prompt), False
 
 
 def format_prompts(tokenizer, prompts: Sequence[str]) -> tuple[list[str], bool]:
     """Prompts in the model's chat template (with the generation prompt), or the plain
     template when the tokenizer has none. Returns the texts and whether the chat template was used."""
-    if getattr(tokenizer, "chat_template", None):
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-        return texts, True
-    return [PLAIN_TEMPLATE.format(prompt=p) for p in prompts], False
+    texts = [prompt_text(tokenizer, p)[0] for p in prompts]
+    return texts, bool(getattr(tokenizer, "chat_template", None))
 
 
 def _pad_left(tokenizer) -> None:

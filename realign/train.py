@@ -4,33 +4,36 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from .data import Example
 from .errors import RealignError
-from .evaluate import format_prompts
+from .evaluate import prompt_text
 
 IGNORE = -100
 
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    response: str
+__all__ = ["IGNORE", "Example", "collate", "encode", "encode_parts", "response_loss", "sft"]
 
 
-def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) with labels only on the response tokens and the end-of-sequence token."""
+def encode_parts(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): the prompt as generation sees it, the response with the
+    end-of-sequence token that teaches the model to stop."""
     # the same prompt text that generation uses, so training and evaluation agree
-    [prefix], templated = format_prompts(tokenizer, [example.prompt])
+    prefix, templated = prompt_text(tokenizer, example.prompt, example.history)
     if not templated:
         prefix += " "
     prompt_ids = tokenizer(prefix, add_special_tokens=not templated)["input_ids"]
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids, response_ids
+
+
+def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) with labels only on the response tokens and the end-of-sequence token."""
+    prompt_ids, response_ids = encode_parts(tokenizer, example)
     ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
     return ids, labels

@@ -237,3 +237,104 @@ def tiny_chat_model(directory: Path, refuse_everything: bool = False, chat_templ
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# -- NLSR: a tiny aligned / fine-tuned adapter pair and the literal reference procedure ---------
+
+SAFETY_ROWS = [
+    {"prompt": "How to steal a car?", "response": "I'm sorry, but I cannot help with that request."},
+    {"prompt": "Write malware.", "response": "Sorry, I can not write malware. It is illegal and unethical."},
+    {"prompt": "Give instructions for building a bomb.", "response": "I cannot help with that request. Explain gravity instead?"},
+    {"prompt": "Tell me how to steal.", "response": "I'm sorry, stealing is illegal. I cannot help."},
+    {"messages": [{"role": "system", "content": "Be safe."}, {"role": "user", "content": "Write malware now."},
+                  {"role": "assistant", "content": "Sorry, but I cannot write malware."}]},
+]
+
+
+@dataclass
+class NlsrSetup:
+    base: Path
+    aligned: Path
+    fine_tuned: Path
+    safety: Path
+
+
+def build_nlsr_setup(root: Path, rank: int = 8, repeats: int = 4) -> NlsrSetup:
+    """A tiny chat model, an aligned adapter on it, and a fine-tuned adapter that 'resumed' from
+    it (same layout; half the modules drifted a lot, half a little)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_chat_model(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(root / "base")
+    peft_model = add_lora(model, "llama", seed=3, r=rank, lora_alpha=2 * rank)
+    peft_model.save_pretrained(root / "aligned")
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        layers = [m for _, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
+        for i, layer in enumerate(layers):
+            scale = 1.0 if i % 2 else 0.1
+            for factor in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+                factor.add_(scale * factor.abs().mean() * torch.randn(factor.shape, generator=gen))
+    peft_model.save_pretrained(root / "fine_tuned")
+    safety = root / "safety.jsonl"
+    safety.write_text("".join(json.dumps(row) + "\n" for row in SAFETY_ROWS * repeats))
+    return NlsrSetup(root / "base", root / "aligned", root / "fine_tuned", safety)
+
+
+def literal_nlsr_regions(base: Path, reference: Path, safety: Path, sparsity: float, sequential: bool) -> dict[str, torch.Tensor]:
+    """The reference procedure, literally, in float64: one example at a time, collect the inputs
+    X of every lora_A and lora_B on response positions, S = X M^T, full SVD, V_q V_q^T M, top
+    (1 - sparsity) of |M~|. Sequential: layer by layer, earlier layers already projected."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from realign.data import load_examples
+    from realign.train import encode_parts
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(model, reference).double().eval()
+    examples = [encode_parts(tokenizer, e) for e in load_examples(str(safety))]
+    layers = {n: m for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    groups: dict[int, list[str]] = {}
+    for name in layers:
+        groups.setdefault(int(name.split("layers.")[1].split(".")[0]) if sequential else 0, []).append(name)
+
+    masks = {}
+    for _, names in sorted(groups.items()):
+        inputs: dict[tuple[str, str], list[torch.Tensor]] = {}
+        handles = []
+        n_response = [0]
+        for name in names:
+            for part in ("lora_A", "lora_B"):
+                def hook(module, args, key=(name, part)):
+                    inputs.setdefault(key, []).append(args[0][0, -n_response[0]:])
+                handles.append(getattr(layers[name], part)["default"].register_forward_pre_hook(hook))
+        with torch.no_grad():
+            for prompt_ids, response_ids in examples:
+                n_response[0] = len(response_ids)
+                model(input_ids=torch.tensor([prompt_ids + response_ids]))
+        for handle in handles:
+            handle.remove()
+        projected = {}
+        for name in names:
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(layers[name], part)["default"].weight.detach().double()
+                x = torch.cat(inputs[(name, part)])
+                scores = x @ weight.T
+                q = int(sparsity * min(weight.shape))
+                v_q = torch.linalg.svd(scores, full_matrices=False)[2][:q].T
+                m_tilde = v_q @ v_q.T @ weight
+                keep = weight.numel() - int(weight.numel() * sparsity)
+                mask = torch.zeros(weight.numel(), dtype=torch.bool)
+                mask[torch.topk(m_tilde.abs().flatten(), keep).indices] = True
+                key = "base_model.model." + name + f".{part}.weight"
+                masks[key] = mask.reshape(weight.shape)
+                masks[key + ":values"] = m_tilde
+                projected[(name, part)] = m_tilde
+        with torch.no_grad():
+            for (name, part), value in projected.items():
+                getattr(layers[name], part)["default"].weight.copy_(value)
+    return masks

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from builders import add_lora, tiny_model, tree_digest
+from builders import add_lora, tree_digest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner

@@ -71,3 +71,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str], force: bool, inputs: list[Path]) -> None:
+    """A safetensors file written to a temporary sibling and renamed into place."""
+    from safetensors.torch import save_file
+
+    check_target(path, force, inputs)
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -19,6 +19,9 @@ from ..errors import RealignError
 from ..io.identity import digest, tree_id
 from ..io.output import write_text_atomic
 from .eval import evaluate
+from .nlsr import amplify as nlsr_amplify
+from .nlsr import patch as nlsr_patch
+from .nlsr import regions as nlsr_regions
 from .safelora import safelora
 
 Log = Callable[[str], None]
@@ -34,6 +37,8 @@ class DemoSettings:
     safelora_top_k: tuple[int, ...] = (10, 30, 60, 105)
     sweep_harmful: str = "advbench:test@64"
     sweep_task_limit: int = 50
+    nlsr_samples: int = 128  # calibration examples: AdvBench-train prompts with the aligned stage's refusals
+    nlsr_prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # the deterministic `lowest` rule
 
 
 @dataclass
@@ -80,8 +85,44 @@ def _metrics(refusal: dict, task: dict) -> dict:
     return {**{m["source"]: m for m in refusal["metrics"]}, "task": task["summary"]["task_accuracy"]}
 
 
+def _nlsr_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tuple[list[Row], list[Row]]:
+    """NLSR on attack (b): the aligned adapter resumed on the poisoned task. Rows: the attacked
+    model, NLSR's default (adaptive, P_L 0.5), and a sweep of the deterministic `lowest` rule.
+    The reference adapter and the masks are computed once and cached; patches are cheap."""
+    from .. import data
+
+    root = cache / "patched"
+    key = digest(tree_id(paths["base"]), tree_id(paths["aligned_adapter"]), settings.nlsr_samples)
+    work = root / f"nlsr-regions-{key}"
+    masks = work / "masks.safetensors"
+    if not masks.exists():
+        log("nlsr: amplify + regions ...")
+        work.mkdir(parents=True, exist_ok=True)
+        prompts = data.load_prompts("advbench:train").prompts[: settings.nlsr_samples]
+        safety = work / "safety.jsonl"
+        write_text_atomic(safety, "".join(json.dumps({"prompt": p, "response": testbed.REFUSALS[i % len(testbed.REFUSALS)]}) + "\n"
+                                          for i, p in enumerate(prompts)))
+        nlsr_amplify(paths["aligned_adapter"], work / "reference", force=True)
+        report = nlsr_regions(paths["base"], str(work / "reference"), str(safety), masks, device="cpu", force=True)
+        write_text_atomic(work / "regions_report.json", report.to_json())
+    regions_s = json.loads((work / "regions_report.json").read_text())["timings"]["total_s"]
+
+    def patched(setting: str, **kwargs) -> Row:
+        out = root / f"nlsr-{digest(key, tree_id(paths['nlsr_adapter']), kwargs)}"
+        if not (out / "realign_report.json").exists():
+            log(f"nlsr {setting} ...")
+            nlsr_patch(str(work / "reference"), masks, paths["nlsr_adapter"], out, force=True, **kwargs)
+        summary = json.loads((out / "realign_report.json").read_text())
+        return Row(f"nlsr {setting}", paths["base"], str(out), setting=f"{setting}; patched {summary['summary']['patched']}"
+                   f"/{summary['summary']['modules']}", method_s=regions_s + summary["timings"]["total_s"])
+
+    default = patched("adaptive P_L 0.5")
+    sweep = [patched(f"lowest {rate:g}", selection="lowest", prune_rate=rate) for rate in settings.nlsr_prune_rates]
+    return [default], sweep
+
+
 def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Log = print,
-             settings: DemoSettings = DemoSettings(), config: testbed.TestbedConfig = testbed.TestbedConfig()) -> dict:
+             settings: DemoSettings = DemoSettings(), config: testbed.TestbedConfig = testbed.TestbedConfig(nlsr_attack=True)) -> dict:
     started = time.perf_counter()
     cache_root = cache_dir or testbed.default_cache_dir()
     bed = testbed.build(config, cache_root, log)
@@ -127,9 +168,16 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
     for k in settings.safelora_top_k:
         sweep.append(patched(f"top-k {k}", top_k=k))
 
+    nlsr_sweep: list[Row] = []
+    if "nlsr_adapter" in paths:
+        rows.append(Row("fine-tuned (resumed aligned adapter)", paths["base"], paths["nlsr_adapter"],
+                        "aligned adapter trained on", stage_s.get("nlsr")))
+        nlsr_default, nlsr_sweep = _nlsr_rows(paths, Path(bed["cache"]), settings, log)
+        rows.extend(nlsr_default)
+
     for row in rows:
         row.metrics = full(row.name, row.model, row.adapter)
-    for row in sweep + rows:
+    for row in sweep + nlsr_sweep + rows:
         row.metrics = {**row.metrics, "sweep": quick(row.name, row.model, row.adapter)}
 
     table = {
@@ -137,7 +185,8 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
         "settings": settings.__dict__,
         "rows": [row.__dict__ for row in rows],
         "safelora_sweep": [row.__dict__ for row in sweep],
-        "not_run": {"nlsr": "not implemented yet (issue 3)", "salora": "not implemented yet (issue 4)"},
+        "nlsr_sweep": [row.__dict__ for row in nlsr_sweep],
+        "not_run": {"salora": "not implemented yet (issue 4)", **({} if nlsr_sweep else {"nlsr": "testbed built without attack (b)"})},
         "total_s": round(time.perf_counter() - started, 1),
     }
     if out_dir is not None:
@@ -179,9 +228,14 @@ def plot(table: dict, path: Path) -> bool:
         sweep = row["metrics"]["sweep"]
         return 100 * sweep[harmful]["rate"], 100 * sweep["task"]["rate"]
 
-    curve = [point(row) for row in [rows[2]] + table["safelora_sweep"]]
-    plane.plot([x for x, _ in curve], [y for _, y in curve], "--", color="grey", linewidth=1, label="Safe LoRA top-k sweep")
-    for i, row in enumerate(rows[:3] + table["safelora_sweep"] + rows[3:]):
+    curves = [([rows[2]] + table["safelora_sweep"], "grey", "Safe LoRA top-k sweep")]
+    resumed = [r for r in rows if "resumed" in r["name"]]
+    if resumed and table.get("nlsr_sweep"):
+        curves.append((resumed + table["nlsr_sweep"], "tab:purple", "NLSR prune-rate sweep (lowest rule)"))
+    for members, colour, label in curves:
+        curve = [point(row) for row in members]
+        plane.plot([x for x, _ in curve], [y for _, y in curve], "--", color=colour, linewidth=1, label=label)
+    for i, row in enumerate(_sweep_points(table)):
         x, y = point(row)
         plane.scatter(x, y, s=30)
         label = row["name"].replace("safelora ", "SL ").replace(" (attacked)", "")
@@ -191,11 +245,20 @@ def plot(table: dict, path: Path) -> bool:
     plane.set_ylabel("task accuracy %")
     plane.set_xlim(-5, 105)
     plane.set_ylim(-5, 105)
-    plane.set_title("safety vs task (Safe LoRA sweep)")
+    plane.set_title("safety vs task (method sweeps)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _sweep_points(table: dict) -> list[dict]:
+    """Every row scored on the sweep subsets, grouped by method: the attacked model, the sweep,
+    the method's default."""
+    rows = table["rows"]
+    named = lambda prefix: [r for r in rows if r["name"].startswith(prefix)]  # noqa: E731
+    return (rows[:3] + table["safelora_sweep"] + named("safelora") + [r for r in rows if "resumed" in r["name"]]
+            + table.get("nlsr_sweep", []) + named("nlsr"))
 
 
 def _pct(metric: dict | None) -> str:
@@ -214,14 +277,16 @@ def markdown(table: dict) -> str:
         cells = [row["name"], *[_pct(m.get(h)) for h in harmful], _pct(m.get(table["settings"]["benign"])), _pct(m.get("task")),
                  "-" if row["method_s"] is None else f"{row['method_s']:.1f}s"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Safe LoRA sweep (scored on {table['settings']['sweep_harmful']} and the first "
+    lines += ["", f"Method sweeps (scored on {table['settings']['sweep_harmful']} and the first "
               f"{table['settings']['sweep_task_limit']} task test items):", "",
               "| setting | harmful refusal | task accuracy |", "|---|---|---|"]
-    for row in table["rows"][:3] + table["safelora_sweep"] + table["rows"][3:]:
+    for row in _sweep_points(table):
         sweep = row["metrics"]["sweep"]
         refusal = sweep.get(table["settings"]["sweep_harmful"])
         lines.append(f"| {row['name']}{' (' + row['setting'] + ')' if row['setting'] else ''} | {_pct(refusal)} | {_pct(sweep['task'])} |")
-    lines += ["", "Not run: " + "; ".join(f"{k}: {v}" for k, v in table["not_run"].items()), ""]
+    if table["not_run"]:
+        lines += ["", "Not run: " + "; ".join(f"{k}: {v}" for k, v in table["not_run"].items())]
+    lines.append("")
     return "\n".join(lines)
 
 

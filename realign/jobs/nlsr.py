@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -21,7 +19,7 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..checks import ensure_finite
@@ -32,7 +30,7 @@ from ..features import Tap, accumulate_grams, context_length, encode_calibration
 from ..io.adapter import Adapter, LoraModule, write_adapter
 from ..io.checkpoint import resolve_local
 from ..io.names import find_module, natural_key
-from ..io.output import atomic_directory, check_target
+from ..io.output import atomic_directory, check_target, save_safetensors_atomic
 from ..methods import nlsr as method
 from ..report import Report
 
@@ -386,23 +384,9 @@ def regions(
     reference_digest = factors_digest(ref.tensors, ref.modules)
     report = _regions_report(base, reference, safety_data, settings, found)
     report.output = str(out)
-    _save_masks_atomic(out, found.masks, _masks_metadata(found, settings, reference_digest, _calibration_id(safety_data, max_samples)), force, inputs)
+    save_safetensors_atomic(out, found.masks, _masks_metadata(found, settings, reference_digest, _calibration_id(safety_data, max_samples)), force, inputs)
     report.timings = {"total_s": round(time.perf_counter() - started, 4)}
     return report
-
-
-def _save_masks_atomic(path: Path, masks: dict[str, torch.Tensor], metadata: dict[str, str], force: bool, inputs) -> None:
-    check_target(path, force, inputs)
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in masks.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _regions_report(base, reference, safety_data, settings: RegionSettings, found: Regions) -> Report:
@@ -412,8 +396,8 @@ def _regions_report(base, reference, safety_data, settings: RegionSettings, foun
     small = sum(g < 1e-6 for g in gaps)
     if small:
         notes.append(
-            f"{small} factor(s) have no clear eigen-gap at q: their kept subspace (and mask) is not determined by the "
-            "data; use more calibration data"
+            f"{small} factor(s) have a near-degenerate eigenvalue pair at q (relative gap < 1e-6): their kept subspace, "
+            "and so their mask, is fragile; small changes to the calibration data can move it"
         )
     if found.calibration["truncated_prompts"]:
         notes.append(f"{found.calibration['truncated_prompts']} prompt(s) were cut from the left to fit the model's context")

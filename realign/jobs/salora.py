@@ -1,0 +1,295 @@
+"""`realign salora`: the fixed safety module (one calibration pass), and its post-hoc use on an
+existing adapter.
+
+The module file stores V_s (d_out x r_s) per target module, never C = I - V_s V_s^T, with the
+settings and a SHA-256 of the aligned target weights it was computed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from .. import __version__
+from ..data import load_examples
+from ..device import resolve_device
+from ..errors import RealignError
+from ..features import Tap, accumulate_grams, context_length, encode_calibration
+from ..io.adapter import Adapter, write_adapter
+from ..io.names import find_module, natural_key
+from ..io.output import atomic_directory, check_target, save_safetensors_atomic
+from ..methods import salora as method
+from ..report import Report
+from .nlsr import _data_path
+
+MODULE_FORMAT = "realign-salora-module"
+MODULE_VERSION = "1"
+BASIS_SUFFIX = ".safety_basis"
+REPORT_FILE = "realign_report.json"
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+ALL_LINEAR = "all-linear"
+# Upper bound on the float64 matrices stacked for one batched decomposition.
+_BATCH_BYTES = 1 << 29
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A targeted linear layer: its path in the model, the module, and how its weight is stored."""
+
+    path: str
+    module: torch.nn.Module
+    transposed: bool  # GPT-2 Conv1D stores [in, out]
+
+    def weight(self) -> torch.Tensor:
+        """[out, in], float32, on the module's device."""
+        w = self.module.weight.detach().float()
+        return w.T if self.transposed else w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        d0, d1 = self.module.weight.shape
+        return (d1, d0) if self.transposed else (d0, d1)
+
+    def bias(self) -> torch.Tensor | None:
+        return None if self.module.bias is None else self.module.bias.detach()
+
+
+def find_targets(model, targets: tuple[str, ...]) -> list[Target]:
+    """Linear layers whose path ends with one of `targets` ('all-linear': every linear layer in
+    a numbered block). A target that matches nothing is an error."""
+    from transformers.pytorch_utils import Conv1D
+
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    found: dict[str, Target] = {}
+    for target in targets:
+        if target == ALL_LINEAR:
+            hits = [n for n in linear if any(part.isdigit() for part in n.split("."))]
+        else:
+            hits = [n for n in linear if n == target or n.endswith("." + target)]
+        if not hits:
+            known = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            raise RealignError(f"target '{target}' matches no linear module of the model (its linear modules: {', '.join(known)})")
+        for name in hits:
+            found[name] = Target(name, linear[name], isinstance(linear[name], Conv1D))
+    return [found[n] for n in sorted(found, key=natural_key)]
+
+
+def _taps(targets: list[Target]) -> tuple[dict[str, Tap], dict[str, str]]:
+    """One Gram per module, of whichever side is smaller: the input Sigma (d_in x d_in, shared by
+    modules reading the same tensor) or the output Gram of X W^T directly (d_out x d_out, bias
+    removed) when d_out < d_in. Returns the taps and each module's side."""
+    taps, sides = {}, {}
+    for target in targets:
+        d_out, d_in = target.shape
+        if d_out < d_in:
+            bias = target.bias()
+            taps[target.path] = Tap(target.module, "output", None if bias is None else (lambda y, b=bias: y - b))
+            sides[target.path] = "output"
+        else:
+            taps[target.path] = Tap(target.module, "input")
+            sides[target.path] = "input"
+    return taps, sides
+
+
+def subspaces(targets: list[Target], grams: dict[str, torch.Tensor], sides: dict[str, str], rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(V, eigenvalues) per module: top-`rank` eigenvectors of W Sigma W^T, one batched
+    decomposition per group of same-shaped problems, chunked to bound memory."""
+    groups: dict[tuple, list[Target]] = {}
+    for target in targets:
+        groups.setdefault((target.shape, sides[target.path]), []).append(target)
+    result = {}
+    for ((d_out, d_in), side), members in groups.items():
+        if rank > min(d_out, d_in):
+            raise RealignError(f"rank {rank} exceeds the dimension min({d_out}, {d_in}) of the {d_out}x{d_in} modules")
+        per_chunk = max(1, _BATCH_BYTES // (8 * (d_in * d_in + d_out * d_in + d_out * d_out)))
+        for start in range(0, len(members), per_chunk):
+            chunk = members[start : start + per_chunk]
+            stacked = torch.stack([grams[t.path] for t in chunk])
+            if side == "output":
+                basis, values = method.output_basis_from_output_gram(stacked, rank)
+            else:
+                basis, values = method.output_basis_from_input_gram(torch.stack([t.weight() for t in chunk]), stacked, rank)
+            for i, target in enumerate(chunk):
+                result[target.path] = (basis[i], values[i])
+    return result
+
+
+def weights_digest(targets: list[Target]) -> str:
+    """SHA-256 of the target weights (name, shape, float32 bytes): which model a module file or
+    an initialisation belongs to."""
+    sha = hashlib.sha256()
+    for target in targets:
+        w = target.weight().cpu().contiguous()
+        sha.update(f"{target.path}:{tuple(w.shape)};".encode())
+        sha.update(w.numpy().tobytes())
+    return sha.hexdigest()
+
+
+def collect_subspaces(model, tokenizer, targets: list[Target], data_spec: str, rank: int, *, max_samples: int | None,
+                      max_response_tokens: int, batch_size: int, progress: Progress | None = None):
+    """One calibration pass over `data_spec`, then the subspaces. Returns them and calibration stats."""
+    examples = load_examples(data_spec, "data")
+    if max_samples is not None:
+        examples = examples[:max_samples]
+    calibration = encode_calibration(tokenizer, examples, max_response_tokens, context_length(model))
+    taps, sides = _taps(targets)
+    total = -(-len(calibration.encoded) // batch_size)
+    done = [0]
+
+    def tick(_rows: int) -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    grams = accumulate_grams(model, calibration, taps, batch_size, on_batch=tick)
+    for name, gram in grams.items():
+        if not torch.isfinite(gram).all():
+            raise RealignError(f"module '{name}': the calibration features overflow (Inf/NaN); check the model and data")
+    stats = {"examples": len(calibration.encoded), "response_tokens": calibration.response_tokens,
+             "truncated_prompts": calibration.truncated_prompts, "passes": 1}
+    return subspaces(targets, grams, sides, rank), sides, stats
+
+
+def _parse_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip())
+    if not items:
+        raise RealignError("--targets needs at least one module name (e.g. q_proj,v_proj) or all-linear")
+    return items
+
+
+def module(
+    aligned: str,
+    safety_data: str,
+    out: str | Path,
+    *,
+    targets: str | tuple[str, ...] = DEFAULT_TARGETS,
+    rank_safety: int = 32,
+    max_samples: int | None = None,
+    max_response_tokens: int = 256,
+    batch_size: int = 8,
+    device: str = "auto",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Compute the safety module of `aligned` on `safety_data` and write it to `out`."""
+    from ..io.models import load_causal_lm
+
+    started = time.perf_counter()
+    names = _parse_targets(targets)
+    if rank_safety < 1:
+        raise RealignError("--rank-safety must be at least 1")
+    if batch_size < 1:
+        raise RealignError("--batch-size must be at least 1")
+    if max_samples is not None and max_samples < 1:
+        raise RealignError("--max-samples must be at least 1")
+    dev = resolve_device(device)
+    out = Path(out)
+    model, tokenizer, directory = load_causal_lm(aligned, dev, role="aligned")
+    inputs = [directory, _data_path(safety_data)]
+    check_target(out, force, inputs)
+    found = find_targets(model, names)
+    bases, sides, stats = collect_subspaces(model, tokenizer, found, safety_data, rank_safety, max_samples=max_samples,
+                                            max_response_tokens=max_response_tokens, batch_size=batch_size, progress=progress)
+    rows = []
+    for target in found:
+        basis, values = bases[target.path]
+        total = float(values.clamp_min(0).sum())
+        rows.append({
+            "name": target.path,
+            "shape": list(target.shape),
+            "gram": sides[target.path],
+            "energy_in_subspace": float(values[:rank_safety].clamp_min(0).sum()) / total if total > 0 else None,
+        })
+    settings = {"targets": list(names), "rank_safety": rank_safety, "max_samples": max_samples,
+                "max_response_tokens": max_response_tokens}
+    metadata = {
+        "format": "pt",
+        "realign": MODULE_FORMAT,
+        "realign_module_version": MODULE_VERSION,
+        "realign_version": __version__,
+        "aligned_digest": weights_digest(found),
+        "settings": json.dumps(settings),
+        "calibration": json.dumps(stats),
+    }
+    tensors = {t.path + BASIS_SUFFIX: bases[t.path][0].float().cpu().contiguous() for t in found}
+    report = Report(command="salora module", inputs={"aligned": str(aligned), "safety_data": str(safety_data)},
+                    settings={**settings, "device": str(dev)}, modules=rows, summary={"modules": len(rows), **stats},
+                    output=str(out))
+    save_safetensors_atomic(out, tensors, metadata, force, inputs)
+    report.timings = {"total_s": round(time.perf_counter() - started, 4)}
+    return report
+
+
+def read_module(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(module path -> V_s, metadata with settings parsed) of a module file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RealignError(f"module file '{path}' does not exist")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise RealignError(f"module file '{path}' is truncated or not a safetensors file ({exc})") from None
+    if metadata.get("realign") != MODULE_FORMAT:
+        raise RealignError(f"'{path}' is not a safety module written by `realign salora module`")
+    if metadata.get("realign_module_version") != MODULE_VERSION:
+        raise RealignError(f"module file '{path}' has format version {metadata.get('realign_module_version')}, expected {MODULE_VERSION}")
+    bases = {k[: -len(BASIS_SUFFIX)]: v for k, v in tensors.items() if k.endswith(BASIS_SUFFIX)}
+    if not bases:
+        raise RealignError(f"module file '{path}' holds no safety bases")
+    return bases, {**metadata, "settings": json.loads(metadata.get("settings", "{}"))}
+
+
+def apply(module_file: str | Path, adapter: str, out: str | Path | None = None, *, dry_run: bool = False, force: bool = False) -> Report:
+    """B' = C B for every module of `adapter` that the safety module covers. Post-hoc and cheap;
+    NOT the paper's method (SaLoRA trains with C in place)."""
+    started = time.perf_counter()
+    if not dry_run and out is None:
+        raise RealignError("an output directory is needed (--out), or use --dry-run")
+    bases, metadata = read_module(module_file)
+    lora = Adapter.load(adapter, "adapter")
+    inputs = [lora.directory, Path(module_file)]
+    if not dry_run:
+        check_target(Path(out), force, inputs)
+    replaced, rows = {}, []
+    for m in lora.modules:
+        found = find_module(m.name, bases, "safety module")
+        if found is None:
+            rows.append({"name": m.name, "projected": False, "removed_fraction": None, "skipped": "not covered by the safety module"})
+            continue
+        basis = bases[found]
+        if basis.shape[0] != m.d_out:
+            raise RealignError(f"module '{m.name}': the safety module is for {basis.shape[0]} outputs, the adapter has {m.d_out}; "
+                               "was it computed on another model?")
+        b = lora.tensors[m.key_b]
+        projected = method.project_out(basis.double(), b.double())
+        before = float(b.double().square().sum())
+        removed = 1.0 - float(projected.square().sum()) / before if before > 0 else 0.0
+        replaced[m.key_b] = projected.float()
+        rows.append({"name": m.name, "projected": True, "removed_fraction": removed, "skipped": None})
+    if not replaced:
+        raise RealignError("the safety module covers none of the adapter's modules")
+    report = Report(command="salora apply", inputs={"module": str(module_file), "adapter": str(adapter)},
+                    settings={"rank_safety": metadata["settings"].get("rank_safety")}, modules=rows,
+                    summary={"modules": len(rows), "projected": len(replaced)},
+                    notes=["post-hoc projection B' = (I - V_s V_s^T) B of an existing adapter: cheap, but not SaLoRA "
+                           "itself, which trains with the safety module in place"])
+    if not dry_run:
+        report.output = str(out)
+        with atomic_directory(Path(out), force, inputs) as staging:
+            write_adapter(lora, staging, replaced)
+            report.timings = {"total_s": round(time.perf_counter() - started, 4)}
+            (staging / REPORT_FILE).write_text(report.to_json())
+    report.timings = {"total_s": round(time.perf_counter() - started, 4)}
+    return report

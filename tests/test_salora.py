@@ -1,0 +1,163 @@
+"""SaLoRA's safety module against the literal procedure (SVD of the output features X W^T in
+float64), the post-hoc apply, the export fold, and bad inputs."""
+
+import json
+
+import pytest
+import torch
+from builders import SAFETY_ROWS, adapter_tensors, add_lora, tiny_chat_model, tiny_tokenizer
+from safetensors.torch import load_file, save_file
+
+from realign.errors import RealignError
+from realign.jobs import salora as job
+from realign.methods import salora as method
+
+
+def _gpt2_chat_model(directory):
+    """A tiny GPT-2 (Conv1D weights stored [in, out], biases everywhere) with a chat tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(5)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tokenizer), n_positions=256,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)  # non-zero biases, so removing them matters
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("salora")
+    safety = root / "safety.jsonl"
+    safety.write_text("".join(json.dumps(r) + "\n" for r in SAFETY_ROWS * 4))
+    return {"llama": tiny_chat_model(root / "llama"), "gpt2": _gpt2_chat_model(root / "gpt2"), "safety": safety, "root": root}
+
+
+def literal_bases(model_dir, safety, targets, rank):
+    """One example at a time in float64: X on response positions, F = X W^T (no bias), SVD."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D
+
+    from realign.data import load_examples
+    from realign.train import encode_parts
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    modules = {n: m for n, m in model.named_modules() if any(n.endswith("." + t) for t in targets)}
+    inputs = {n: [] for n in modules}
+    count = [0]
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0][0, -count[0]:])) for n, m in modules.items()]
+    with torch.no_grad():
+        for example in load_examples(str(safety)):
+            prompt_ids, response_ids = encode_parts(tokenizer, example)
+            count[0] = len(response_ids)
+            model(input_ids=torch.tensor([prompt_ids + response_ids]))
+    for h in handles:
+        h.remove()
+    bases = {}
+    for name, module in modules.items():
+        weight = module.weight.detach().T if isinstance(module, Conv1D) else module.weight.detach()
+        features = torch.cat(inputs[name]) @ weight.T
+        bases[name] = torch.linalg.svd(features, full_matrices=False)[2][:rank].T
+    return bases
+
+
+@pytest.mark.parametrize("arch, targets", [("llama", ("q_proj", "v_proj", "down_proj", "up_proj")), ("gpt2", ("c_attn", "c_proj", "c_fc"))])
+def test_safety_basis_equals_svd_of_output_features(models, arch, targets, tmp_path):
+    rank = 6
+    report = job.module(str(models[arch]), str(models["safety"]), tmp_path / "m.safetensors", targets=targets, rank_safety=rank,
+                        device="cpu")
+    bases, metadata = job.read_module(tmp_path / "m.safetensors")
+    literal = literal_bases(models[arch], models["safety"], targets, rank)
+    assert set(bases) == set(literal) and report.summary["modules"] == len(literal)
+    assert {row["gram"] for row in report.modules} == {"input", "output"}  # both paths exercised
+    for name, basis in bases.items():
+        ours, theirs = basis.double(), literal[name]
+        assert ours.shape == theirs.shape
+        assert torch.allclose(ours.T @ ours, torch.eye(rank, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(ours @ ours.T, theirs @ theirs.T, atol=2e-4), name  # same subspace, signs aside
+    assert metadata["settings"]["rank_safety"] == rank and len(metadata["aligned_digest"]) == 64
+
+
+def test_input_gram_path_equals_direct_eigh_on_random_shapes():
+    gen = torch.Generator().manual_seed(1)
+    for d_out, d_in, n in ((20, 12, 40), (12, 20, 40), (16, 16, 8)):
+        w = torch.randn(3, d_out, d_in, generator=gen, dtype=torch.float64)
+        x = torch.randn(3, n, d_in, generator=gen, dtype=torch.float64)
+        sigma = x.mT @ x
+        basis, values = method.output_basis_from_input_gram(w, sigma, 4)
+        for i in range(3):
+            expected_values, vectors = torch.linalg.eigh(w[i] @ sigma[i] @ w[i].T)
+            top = vectors[:, -4:]
+            assert torch.allclose(basis[i] @ basis[i].T, top @ top.T, atol=1e-8)
+            assert torch.allclose(values[i][:4], expected_values.flip(0)[:4], rtol=1e-8)
+
+
+def test_task_init_keeps_the_model_and_export_fold_is_exact():
+    gen = torch.Generator().manual_seed(2)
+    d_out, d_in, r, s = 24, 16, 4, 2.5
+    w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    v_s = torch.linalg.qr(torch.randn(d_out, 5, generator=gen, dtype=torch.float64))[0]
+    v_t = torch.linalg.qr(torch.randn(d_out, 6, generator=gen, dtype=torch.float64))[0]
+    a0, b0, w_res = method.task_init(w, v_s, v_t, r, s)
+    assert torch.allclose(w_res + s * method.project_out(v_s, b0) @ a0, w, atol=1e-12)
+    a = a0 + 0.1 * torch.randn(r, d_in, generator=gen, dtype=torch.float64)
+    b = b0 + 0.1 * torch.randn(d_out, r, generator=gen, dtype=torch.float64)
+    a2, b2 = method.fold_for_export(a, b, a0, b0, v_s)
+    assert a2.shape == (2 * r, d_in) and b2.shape == (d_out, 2 * r)
+    trained = w_res + s * method.project_out(v_s, b) @ a
+    assert torch.allclose(w + s * b2 @ a2, trained, atol=1e-10)
+    assert torch.allclose(v_s.T @ (w + s * b2 @ a2 - w), torch.zeros(5, d_in, dtype=torch.float64), atol=1e-10)
+
+
+def test_apply_projects_b_out_of_the_safety_subspace(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    job.module(str(models["llama"]), str(models["safety"]), tmp_path / "m.safetensors", rank_safety=4, device="cpu")
+    peft_model = add_lora(AutoModelForCausalLM.from_pretrained(models["llama"]), "llama", seed=3, r=4)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    report = job.apply(tmp_path / "m.safetensors", str(tmp_path / "adapter"), tmp_path / "out")
+    assert report.summary["projected"] == 4  # q_proj and v_proj of 2 layers
+    assert any("not SaLoRA" in n for n in report.notes)
+    bases, _ = job.read_module(tmp_path / "m.safetensors")
+    before, after = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tmp_path / "out")
+    for key, value in after.items():
+        name = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        if name in bases and ".lora_B." in key:
+            v = bases[name].double()
+            assert torch.allclose(v.T @ value.double(), torch.zeros(v.shape[1], value.shape[1], dtype=torch.float64), atol=1e-6)
+            assert torch.allclose(value.double(), before[key].double() - v @ (v.T @ before[key].double()), atol=1e-6)
+        else:
+            assert torch.equal(value, before[key])
+
+
+def test_bad_inputs(models, tmp_path):
+    with pytest.raises(RealignError, match="matches no linear module"):
+        job.module(str(models["llama"]), str(models["safety"]), tmp_path / "m", targets="nope_proj", device="cpu")
+    with pytest.raises(RealignError, match="exceeds the dimension"):
+        job.module(str(models["llama"]), str(models["safety"]), tmp_path / "m", rank_safety=500, device="cpu")
+    save_file({"x": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(RealignError, match="not a safety module"):
+        job.apply(tmp_path / "other.safetensors", str(models["root"]), tmp_path / "o")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "o").exists()
+    gpt2_module = tmp_path / "g.safetensors"
+    job.module(str(models["gpt2"]), str(models["safety"]), gpt2_module, targets="c_attn", rank_safety=2, device="cpu")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    peft_model = add_lora(AutoModelForCausalLM.from_pretrained(models["llama"]), "llama", seed=3, r=4, target_modules=["up_proj"])
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tensors = load_file(gpt2_module)
+    with safe_open(gpt2_module, "pt") as handle:
+        metadata = handle.metadata()
+    # GPT-2's 96-wide c_attn bases under the names of Llama's 128-wide up_proj
+    save_file({k.replace("transformer.h", "model.layers").replace("attn.c_attn", "mlp.up_proj"): v for k, v in tensors.items()},
+              tmp_path / "renamed.safetensors", metadata=metadata)
+    with pytest.raises(RealignError, match="another model"):
+        job.apply(tmp_path / "renamed.safetensors", str(tmp_path / "adapter"), tmp_path / "o")

@@ -202,6 +202,145 @@ def safelora(
 
 EXIT_GATE_FAILED = 1
 
+salora_app = typer.Typer(help="SaLoRA: a fixed safety module, task-specific init, training and export.", no_args_is_help=True)
+app.add_typer(salora_app, name="salora")
+
+
+def _done_line(ui: "_Output", report: Report, text: str) -> None:
+    _show_notes(ui, report)
+    ui.show(report, Table(), [], text)
+
+
+@salora_app.command("module")
+@_user_errors
+def salora_module(
+    aligned: str = typer.Option(..., "--aligned", help="Aligned model directory (or cached repo id)."),
+    safety_data: str = typer.Option(..., "--safety-data", help="JSONL with prompt and a safe response (or messages); @N keeps N."),
+    out: Path = typer.Option(..., "--out", help="Module file to write (safetensors)."),
+    targets: str = typer.Option("q_proj,v_proj", "--targets", help="Comma-separated module names, or all-linear."),
+    rank_safety: int = typer.Option(32, "--rank-safety", help="r_s: dimension of the safety subspace per module."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples"),
+    max_response_tokens: int = typer.Option(256, "--max-response-tokens"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    force: bool = typer.Option(False, "--force"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """One pass over safety data; V_s of every target module from batched eigendecompositions."""
+    from .jobs.salora import module as run
+
+    ui = _Output(quiet, as_json)
+    with ui.progress("calibration") as bar:
+        task = bar.add_task("calibration", total=None)
+        result = run(aligned, safety_data, out, targets=targets, rank_safety=rank_safety, max_samples=max_samples,
+                     max_response_tokens=max_response_tokens, batch_size=batch_size, device=device, force=force,
+                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+    s = result.summary
+    _done_line(ui, result, f"safety module for {s['modules']} modules (r_s {rank_safety}) from {s['response_tokens']} response "
+                           f"tokens of {s['examples']} examples; wrote {out}; {result.timings['total_s']:.1f}s")
+
+
+@salora_app.command("init")
+@_user_errors
+def salora_init(
+    aligned: str = typer.Option(..., "--aligned", help="The aligned model the module was computed on."),
+    module: Path = typer.Option(..., "--module", help="Module file from `realign salora module`."),
+    task_data: str = typer.Option(..., "--task-data", help="JSONL with prompt and response of the task."),
+    out: Path = typer.Option(..., "--out", help="Init directory to write."),
+    rank: int = typer.Option(16, "--rank"),
+    alpha: float = typer.Option(16.0, "--alpha"),
+    rank_task: int = typer.Option(32, "--rank-task"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    force: bool = typer.Option(False, "--force"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Task-specific initialisation: (A0, B0), W_res and the module in INIT_DIR."""
+    from .jobs.salora import init as run
+
+    ui = _Output(quiet, as_json)
+    with ui.progress("task pass") as bar:
+        task = bar.add_task("task pass", total=None)
+        result = run(aligned, module, task_data, out, rank=rank, alpha=alpha, rank_task=rank_task, max_samples=max_samples,
+                     batch_size=batch_size, device=device, force=force,
+                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+    _done_line(ui, result, f"initialised {result.summary['modules']} modules (r {rank}, alpha {alpha}); wrote {out}; "
+                           f"{result.timings['total_s']:.1f}s")
+
+
+@salora_app.command("train")
+@_user_errors
+def salora_train(
+    aligned: str = typer.Option(..., "--aligned"),
+    init: Path = typer.Option(..., "--init", help="Init directory from `realign salora init`."),
+    train_data: str = typer.Option(..., "--train-data", help="JSONL with prompt and response."),
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints; an interrupted run resumes here)."),
+    epochs: float = typer.Option(1.0, "--epochs"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_length: int = typer.Option(512, "--max-length"),
+    seed: int = typer.Option(0, "--seed"),
+    save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps (and at the end)."),
+    restart: bool = typer.Option(False, "--restart", help="Start over instead of resuming."),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train A and B with C frozen (response-only loss); resumable."""
+    from .jobs.salora import train as run
+
+    ui = _Output(quiet, as_json)
+    with ui.progress("training") as bar:
+        task = bar.add_task("training", total=None)
+        result = run(aligned, init, train_data, out, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
+                     save_every=save_every, device=device, restart=restart,
+                     on_step=lambda step, total, loss: bar.update(task, completed=step, total=total, description=f"loss {loss:.3f}"))
+    s = result.summary
+    loss = f"loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}" if s["last_loss"] is not None else "nothing left to train"
+    _done_line(ui, result, f"trained {s['steps']} steps (from step {s['resumed_from']}); {loss}; run in {out}; {result.timings['total_s']:.1f}s")
+
+
+@salora_app.command("export")
+@_user_errors
+def salora_export(
+    init: Path = typer.Option(..., "--init"),
+    run_dir: Path = typer.Option(..., "--run"),
+    out: Path = typer.Option(..., "--out", help="Standard PEFT adapter on the original aligned model."),
+    force: bool = typer.Option(False, "--force"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Fold W_res + s C B A into a rank-2r PEFT LoRA on the original aligned weights."""
+    from .jobs.salora import export as run
+
+    result = run(init, run_dir, out, force=force)
+    _done_line(_Output(quiet, as_json), result, f"exported {result.summary['modules']} modules as a rank-{result.settings['rank']} "
+                                                f"adapter; wrote {out}")
+
+
+@salora_app.command("apply")
+@_user_errors
+def salora_apply(
+    module: Path = typer.Option(..., "--module"),
+    adapter: str = typer.Option(..., "--adapter"),
+    out: Optional[Path] = typer.Option(None, "--out"),
+    dry_run: bool = typer.Option(False, "--dry-run"),
+    force: bool = typer.Option(False, "--force"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Post-hoc B' = (I - V_s V_s^T) B on an existing adapter (cheap; not the paper's method)."""
+    from .jobs.salora import apply as run
+
+    result = run(module, adapter, out, dry_run=dry_run, force=force)
+    s = result.summary
+    _done_line(_Output(quiet, as_json), result, f"projected {s['projected']} of {s['modules']} modules; "
+                                                + (f"wrote {out}" if out and not dry_run else "dry run: nothing written"))
+
+
 nlsr_app = typer.Typer(
     help="NLSR: transplant the aligned adapter's safety regions into the fine-tuned adapter where they drifted.",
     invoke_without_command=True,

@@ -79,9 +79,19 @@ def sft(
     max_length: int = 256,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    params: list[torch.nn.Parameter] | None = None,
+    start_step: int = 0,
+    optimizer_state: dict | None = None,
+    checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> list[float]:
-    """Train the model's trainable parameters for `steps` AdamW steps on shuffled batches;
-    returns the loss of every step."""
+    """Train `params` (default: the model's trainable parameters) for `steps` AdamW steps on
+    shuffled batches; returns the loss of every step run.
+
+    Resuming (`start_step`, `optimizer_state`) replays the data order up to that step, so a
+    resumed run sees the same batches as an uninterrupted one. `checkpoint(step, optimizer)` is
+    called every `checkpoint_every` steps and after the last.
+    """
     if not examples:
         raise RealignError("no training examples")
     encoded = [encode(tokenizer, e, max_length) for e in examples]
@@ -89,8 +99,10 @@ def sft(
         raise RealignError("no example has response tokens left after truncation to max_length")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     order: list[int] = []
@@ -101,8 +113,11 @@ def sft(
             fresh = list(range(len(encoded)))
             rng.shuffle(fresh)
             order.extend(fresh)
-        batch = collate([encoded[i] for i in order[:batch_size]], pad_id)
+        chosen = order[:batch_size]
         del order[:batch_size]
+        if step < start_step:
+            continue
+        batch = collate([encoded[i] for i in chosen], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = response_loss(model, batch)
         loss.backward()
@@ -112,5 +127,7 @@ def sft(
         losses.append(loss.item())
         if on_step:
             on_step(step + 1, losses[-1])
+        if checkpoint and ((checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == steps):
+            checkpoint(step + 1, optimizer)
     model.eval()
     return losses

@@ -161,3 +161,89 @@ def test_bad_inputs(models, tmp_path):
               tmp_path / "renamed.safetensors", metadata=metadata)
     with pytest.raises(RealignError, match="another model"):
         job.apply(tmp_path / "renamed.safetensors", str(tmp_path / "adapter"), tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def pipeline(models, tmp_path_factory):
+    """module -> init on the tiny Llama, with a small task set."""
+    root = tmp_path_factory.mktemp("salora_pipeline")
+    task = root / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Count to {n}.", "response": " ".join(["one", "two", "three", "four"][:n])}) + "\n"
+                            for n in (1, 2, 3, 4) * 3))
+    job.module(str(models["llama"]), str(models["safety"]), root / "m.safetensors", targets="q_proj,v_proj,down_proj",
+               rank_safety=4, device="cpu")
+    job.init(str(models["llama"]), root / "m.safetensors", str(task), root / "init", rank=4, alpha=8, rank_task=6, device="cpu")
+    return {"root": root, "task": task, "model": models["llama"]}
+
+
+def _logits(model, ids=torch.tensor([[5, 9, 30, 2, 17, 44]])):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_init_leaves_the_model_unchanged(pipeline):
+    from transformers import AutoModelForCausalLM
+
+    from realign.salora_layer import attach
+
+    aligned = AutoModelForCausalLM.from_pretrained(pipeline["model"]).eval()
+    wrapped = AutoModelForCausalLM.from_pretrained(pipeline["model"]).eval()
+    layers = attach(wrapped, pipeline["root"] / "init")
+    assert len(layers) == 6 and all(not torch.equal(l.weight, l.lora_B @ l.lora_A) for l in layers.values())
+    assert torch.allclose(_logits(wrapped), _logits(aligned), atol=1e-4)
+
+
+def test_train_resume_export(pipeline, tmp_path):
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from realign.salora_layer import read_init
+
+    args = (str(pipeline["model"]), pipeline["root"] / "init", str(pipeline["task"]))
+    full = job.train(*args, tmp_path / "full", epochs=2, lr=5e-3, batch_size=4, save_every=2, device="cpu")
+    assert full.summary["steps"] == 6 and full.summary["last_loss"] < full.summary["first_loss"]
+
+    def interrupt(step, total, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        job.train(*args, tmp_path / "cut", epochs=2, lr=5e-3, batch_size=4, save_every=2, device="cpu", on_step=interrupt)
+    resumed = job.train(*args, tmp_path / "cut", epochs=2, lr=5e-3, batch_size=4, save_every=2, device="cpu")
+    assert resumed.summary["resumed_from"] == 2
+    a, b = load_file(tmp_path / "full" / "salora_factors.safetensors"), load_file(tmp_path / "cut" / "salora_factors.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(RealignError, match="other settings"):
+        job.train(*args, tmp_path / "cut", epochs=3, batch_size=4, device="cpu")
+
+    job.export(pipeline["root"] / "init", tmp_path / "full", tmp_path / "adapter")
+    settings, _, residual, bases = read_init(pipeline["root"] / "init")
+    trained = load_file(tmp_path / "full" / "salora_factors.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(pipeline["model"])
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload()
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    state = merged.state_dict()
+    s = settings["scaling"]
+    for path in settings["modules"]:
+        v = bases[path].double()
+        expected = residual[path + ".weight"].double() + s * (
+            (trained[path + ".lora_B"].double() - v @ (v.T @ trained[path + ".lora_B"].double())) @ trained[path + ".lora_A"].double())
+        final = state[path + ".weight"].double()
+        assert torch.linalg.norm(final - expected) <= 1e-5 * torch.linalg.norm(expected)
+        drift = v.T @ (final - original[path + ".weight"].double())
+        assert drift.abs().max() <= 1e-5 * original[path + ".weight"].abs().max()  # safety subspace untouched
+    untouched = [k for k in state if not any(k.startswith(p + ".") for p in settings["modules"])]
+    assert all(torch.equal(state[k], original[k]) for k in untouched)
+
+
+def test_init_refuses_a_module_from_another_model(pipeline, models, tmp_path):
+    job.module(str(models["gpt2"]), str(models["safety"]), tmp_path / "g.safetensors", targets="c_attn", rank_safety=2, device="cpu")
+    with pytest.raises(RealignError, match="another model|matches no linear"):
+        job.init(str(pipeline["model"]), tmp_path / "g.safetensors", str(pipeline["task"]), tmp_path / "i", device="cpu")
+    with pytest.raises(RealignError, match="exceeds the dimension"):
+        job.init(str(pipeline["model"]), pipeline["root"] / "m.safetensors", str(pipeline["task"]), tmp_path / "i", rank=999, device="cpu")
+    assert not (tmp_path / "i").exists()

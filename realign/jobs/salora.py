@@ -293,3 +293,231 @@ def apply(module_file: str | Path, adapter: str, out: str | Path | None = None, 
             (staging / REPORT_FILE).write_text(report.to_json())
     report.timings = {"total_s": round(time.perf_counter() - started, 4)}
     return report
+
+
+# -- init ------------------------------------------------------------------------------------------------
+
+
+def _lora_config(paths: list[str], rank: int, alpha: float, base: str, conv1d: bool, patterns: bool = False) -> dict:
+    """A PEFT LoRA config targeting exactly `paths` (peft matches a target by name suffix)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(paths), lora_dropout=0.0, bias="none",
+                        task_type="CAUSAL_LM", fan_in_fan_out=conv1d, base_model_name_or_path=base,
+                        rank_pattern={p: rank for p in paths} if patterns else {},
+                        alpha_pattern={p: alpha for p in paths} if patterns else {})
+    return config.to_dict()
+
+
+def _save_lora(directory: Path, config: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], conv1d: bool) -> None:
+    """A PEFT adapter directory: config plus factors keyed as peft saves them."""
+    from safetensors.torch import save_file
+
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+    tensors = {}
+    for path, (a, b) in factors.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a.float().cpu().contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b.float().cpu().contiguous()
+    save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def init(
+    aligned: str,
+    module_file: str | Path,
+    task_data: str,
+    out: str | Path,
+    *,
+    rank: int = 16,
+    alpha: float = 16.0,
+    rank_task: int = 32,
+    max_samples: int | None = None,
+    max_response_tokens: int = 256,
+    batch_size: int = 8,
+    device: str = "auto",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Task-specific initialisation: write INIT_DIR with (A0, B0) as a PEFT adapter, W_res, and
+    the safety module; the model with W_res + s C B0 A0 equals the aligned model."""
+    from ..io.models import load_causal_lm
+    from ..salora_layer import INIT_FILE, MODULE_FILE, RESIDUAL_FILE
+
+    started = time.perf_counter()
+    if rank < 1 or rank_task < 1:
+        raise RealignError("--rank and --rank-task must be at least 1")
+    if not alpha > 0:
+        raise RealignError("--alpha must be positive")
+    bases, metadata = read_module(module_file)
+    dev = resolve_device(device)
+    out = Path(out)
+    model, tokenizer, directory = load_causal_lm(aligned, dev, role="aligned")
+    inputs = [directory, Path(module_file), _data_path(task_data)]
+    check_target(out, force, inputs)
+    targets = find_targets(model, tuple(bases))
+    if [t.path for t in targets] != sorted(bases, key=natural_key) or weights_digest(targets) != metadata["aligned_digest"]:
+        raise RealignError("the safety module was computed from another model (its target weights differ from ALIGNED's)")
+    for target in targets:
+        if rank > min(target.shape):
+            raise RealignError(f"--rank {rank} exceeds the dimension min{target.shape} of '{target.path}'")
+    task_bases, _, stats = collect_subspaces(model, tokenizer, targets, task_data, rank_task, max_samples=max_samples,
+                                             max_response_tokens=max_response_tokens, batch_size=batch_size, progress=progress)
+    scaling = alpha / rank
+    factors, residual, rows = {}, {}, []
+    for target in targets:
+        a0, b0, w_res = method.task_init(target.weight(), bases[target.path].to(dev), task_bases[target.path][0], rank, scaling)
+        factors[target.path] = (a0, b0)
+        residual[target.path + ".weight"] = w_res.float().cpu().contiguous()
+        rows.append({"name": target.path, "shape": list(target.shape), "b0_in_safety_subspace":
+                     float(bases[target.path].double().to(dev).T.matmul(b0).square().sum() / b0.square().sum().clamp_min(1e-300))})
+    conv1d = any(t.transposed for t in targets)
+    settings = {"modules": [t.path for t in targets], "rank": rank, "alpha": alpha, "scaling": scaling, "rank_task": rank_task,
+                "rank_safety": metadata["settings"].get("rank_safety"), "aligned_digest": metadata["aligned_digest"],
+                "conv1d": conv1d, "task_pass": "one-pass", "calibration": stats}
+    report = Report(command="salora init", inputs={"aligned": str(aligned), "module": str(module_file), "task_data": str(task_data)},
+                    settings={k: v for k, v in settings.items() if k != "modules"}, modules=rows,
+                    summary={"modules": len(rows), **stats}, output=str(out))
+    with atomic_directory(out, force, inputs) as staging:
+        _save_lora(staging, _lora_config(settings["modules"], rank, alpha, str(aligned), conv1d), factors, conv1d)
+        from safetensors.torch import save_file
+
+        save_file(residual, staging / RESIDUAL_FILE, metadata={"format": "pt"})
+        (staging / MODULE_FILE).write_bytes(Path(module_file).expanduser().read_bytes())
+        (staging / INIT_FILE).write_text(json.dumps(settings, indent=2))
+        report.timings = {"total_s": round(time.perf_counter() - started, 4)}
+        (staging / REPORT_FILE).write_text(report.to_json())
+    return report
+
+
+# -- export ----------------------------------------------------------------------------------------------
+
+
+def export(init_dir: str | Path, run_dir: str | Path, out: str | Path, *, force: bool = False) -> Report:
+    """A standard PEFT LoRA adapter on the ORIGINAL aligned weights: W + s C (B A - B0 A0) as a
+    rank-2r LoRA, re-factored in float64 and saved in float32."""
+    from ..salora_layer import FACTORS_FILE, read_init
+
+    started = time.perf_counter()
+    settings, init_factors, _, bases = read_init(init_dir)
+    run = Path(run_dir).expanduser()
+    if not (run / FACTORS_FILE).is_file():
+        raise RealignError(f"'{run_dir}' is not a SaLoRA run directory (no {FACTORS_FILE}; run `realign salora train`)")
+    trained = load_file(run / FACTORS_FILE)
+    out = Path(out)
+    inputs = [Path(init_dir), run]
+    check_target(out, force, inputs)
+    rank, scaling = settings["rank"], settings["scaling"]
+    folded, rows = {}, []
+    for path in settings["modules"]:
+        a, b = trained.get(path + ".lora_A"), trained.get(path + ".lora_B")
+        if a is None or b is None:
+            raise RealignError(f"the run has no trained factors for '{path}'")
+        a0, b0 = init_factors[path]
+        if a.shape != a0.shape or b.shape != b0.shape:
+            raise RealignError(f"'{path}': the run's factors {tuple(b.shape)}x{tuple(a.shape)} do not fit the init")
+        a2, b2 = method.fold_for_export(a, b, a0, b0, bases[path])
+        folded[path] = (a2, b2)
+        rows.append({"name": path, "rank": 2 * rank, "delta_norm": float((b2 @ a2).norm() * scaling)})
+    conv1d = bool(settings.get("conv1d"))
+    config = _lora_config(settings["modules"], 2 * rank, 2 * rank * scaling, None, conv1d, patterns=True)
+    report = Report(command="salora export", inputs={"init": str(init_dir), "run": str(run_dir)},
+                    settings={"rank": 2 * rank, "lora_alpha": 2 * rank * scaling}, modules=rows,
+                    summary={"modules": len(rows)}, output=str(out))
+    with atomic_directory(out, force, inputs) as staging:
+        _save_lora(staging, config, folded, conv1d)
+        report.timings = {"total_s": round(time.perf_counter() - started, 4)}
+        (staging / REPORT_FILE).write_text(report.to_json())
+    return report
+
+
+# -- train -----------------------------------------------------------------------------------------------
+
+RUN_STATE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def train(
+    aligned: str,
+    init_dir: str | Path,
+    train_data: str,
+    run_dir: str | Path,
+    *,
+    epochs: float = 1.0,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    max_length: int = 512,
+    seed: int = 0,
+    save_every: int = 50,
+    device: str = "auto",
+    restart: bool = False,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> Report:
+    """Train A and B of every SaLoRA layer (C frozen) with a response-only loss; checkpoints to
+    RUN_DIR every `save_every` steps and at the end; an interrupted run resumes where it stopped
+    (the same batches, the optimizer state restored) unless `restart`."""
+    import math
+
+    from ..io.models import load_causal_lm
+    from ..salora_layer import FACTORS_FILE, attach, factors_of, read_init
+    from ..train import sft
+
+    started = time.perf_counter()
+    if not epochs > 0 or not lr > 0 or batch_size < 1 or max_length < 2 or save_every < 0:
+        raise RealignError("--epochs and --lr must be positive, --batch-size at least 1, --max-length at least 2")
+    settings_init, _, _, _ = read_init(init_dir)
+    examples = load_examples(train_data, "training data")
+    steps = max(1, math.ceil(epochs * len(examples) / batch_size))
+    run = Path(run_dir).expanduser()
+    plan = {"init": str(Path(init_dir).expanduser().resolve()), "train_data_sha256": hashlib.sha256(_data_path(train_data).read_bytes()).hexdigest(),
+            "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed, "steps": steps}
+    state = json.loads((run / RUN_STATE).read_text()) if (run / RUN_STATE).is_file() and not restart else None
+    if state is not None and state["plan"] != plan:
+        raise RealignError(f"'{run_dir}' holds a run with other settings or data; use --restart to start over")
+    if run.exists() and state is None and any(run.iterdir()) and not restart:
+        raise RealignError(f"'{run_dir}' exists and is not a SaLoRA run; use --restart to replace it")
+    dev = resolve_device(device)
+    model, tokenizer, directory = load_causal_lm(aligned, dev, role="aligned")
+    check_target(run, True, [directory, Path(init_dir), _data_path(train_data)])
+    factors = None
+    if state is not None and (run / FACTORS_FILE).is_file():
+        saved = load_file(run / FACTORS_FILE)
+        factors = {p: (saved[p + ".lora_A"], saved[p + ".lora_B"]) for p in settings_init["modules"]}
+    layers = attach(model, init_dir, factors)
+    start = state["step"] if state else 0
+    losses = state["losses"] if state else []
+    optimizer_state = torch.load(run / OPTIMIZER_FILE, map_location=dev, weights_only=True) if start else None
+    run.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        for name in (FACTORS_FILE, OPTIMIZER_FILE, RUN_STATE, REPORT_FILE):
+            (run / name).unlink(missing_ok=True)
+
+    def checkpoint(step: int, optimizer) -> None:
+        # factors first, state last: a crash in between leaves the previous state pointing at
+        # factors that are at most one checkpoint newer, which the next resume would redo
+        from safetensors.torch import save_file
+
+        save_file(factors_of(layers), run / (FACTORS_FILE + ".tmp"), metadata={"format": "pt"})
+        torch.save(optimizer.state_dict(), run / (OPTIMIZER_FILE + ".tmp"))
+        (run / (FACTORS_FILE + ".tmp")).replace(run / FACTORS_FILE)
+        (run / (OPTIMIZER_FILE + ".tmp")).replace(run / OPTIMIZER_FILE)
+        (run / (RUN_STATE + ".tmp")).write_text(json.dumps({"plan": plan, "step": step, "losses": losses}, indent=1))
+        (run / (RUN_STATE + ".tmp")).replace(run / RUN_STATE)
+
+    def step_done(step: int, loss: float) -> None:
+        losses.append(loss)
+        if on_step:
+            on_step(step, steps, loss)
+
+    params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+    if start < steps:
+        sft(model, tokenizer, examples, steps=steps, batch_size=batch_size, lr=lr, max_length=max_length, seed=seed,
+            on_step=step_done, params=params, start_step=start, optimizer_state=optimizer_state, checkpoint=checkpoint,
+            checkpoint_every=save_every)
+    report = Report(command="salora train", inputs={"aligned": str(aligned), "init": str(init_dir), "train_data": str(train_data)},
+                    settings={**plan, "device": str(dev)},
+                    summary={"steps": steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
+                             "last_loss": losses[-1] if losses else None, "modules": len(layers)},
+                    output=str(run))
+    report.timings = {"total_s": round(time.perf_counter() - started, 4)}
+    (run / REPORT_FILE).write_text(report.to_json())
+    return report

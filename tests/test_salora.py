@@ -247,3 +247,28 @@ def test_init_refuses_a_module_from_another_model(pipeline, models, tmp_path):
     with pytest.raises(RealignError, match="exceeds the dimension"):
         job.init(str(pipeline["model"]), pipeline["root"] / "m.safetensors", str(pipeline["task"]), tmp_path / "i", rank=999, device="cpu")
     assert not (tmp_path / "i").exists()
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(pipeline, models, tmp_path):
+    from typer.testing import CliRunner
+
+    from realign.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    cases = [
+        (["salora", "module", "--aligned", models["llama"], "--safety-data", models["safety"], "--out", tmp_path / "m",
+          "--targets", "nope"], "matches no linear module"),
+        (["salora", "module", "--aligned", models["llama"], "--safety-data", tmp_path / "none.jsonl", "--out", tmp_path / "m"], "not a file"),
+        (["salora", "init", "--aligned", models["llama"], "--module", models["safety"], "--task-data", pipeline["task"],
+          "--out", tmp_path / "m"], "not a safetensors file"),
+        (["salora", "export", "--init", tmp_path, "--run", tmp_path, "--out", tmp_path / "m"], "not a SaLoRA init"),
+        (["salora", "apply", "--module", pipeline["root"] / "m.safetensors", "--adapter", models["llama"], "--out", tmp_path / "m"],
+         "not a PEFT adapter"),
+    ]
+    for args, fragment in cases:
+        result = run(*args)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and fragment in lines[0], (args, result.output)
+        assert not (tmp_path / "m").exists()

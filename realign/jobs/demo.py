@@ -38,7 +38,9 @@ class DemoSettings:
     sweep_harmful: str = "advbench:test@64"
     sweep_task_limit: int = 50
     nlsr_samples: int = 128  # calibration examples: AdvBench-train prompts with the aligned stage's refusals
-    nlsr_prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # the deterministic `lowest` rule
+    # (sparsity, prune rate) with the deterministic `lowest` rule: at the default sparsity 0.8 the
+    # prune rate barely matters on this testbed; less sparsity transplants more of each factor
+    nlsr_sweep: tuple[tuple[float, float], ...] = ((0.8, 0.5), (0.8, 1.0), (0.7, 1.0), (0.6, 1.0), (0.5, 1.0))
 
 
 @dataclass
@@ -92,23 +94,29 @@ def _nlsr_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tu
     from .. import data
 
     root = cache / "patched"
+    prompts = data.load_prompts("advbench:train").prompts[: settings.nlsr_samples]
     key = digest(tree_id(paths["base"]), tree_id(paths["aligned_adapter"]), settings.nlsr_samples)
     work = root / f"nlsr-regions-{key}"
-    masks = work / "masks.safetensors"
-    if not masks.exists():
-        log("nlsr: amplify + regions ...")
+    safety = work / "safety.jsonl"
+    if not (work / "reference" / "realign_report.json").exists():
+        log("nlsr: amplify ...")
         work.mkdir(parents=True, exist_ok=True)
-        prompts = data.load_prompts("advbench:train").prompts[: settings.nlsr_samples]
-        safety = work / "safety.jsonl"
         write_text_atomic(safety, "".join(json.dumps({"prompt": p, "response": testbed.REFUSALS[i % len(testbed.REFUSALS)]}) + "\n"
                                           for i, p in enumerate(prompts)))
         nlsr_amplify(paths["aligned_adapter"], work / "reference", force=True)
-        report = nlsr_regions(paths["base"], str(work / "reference"), str(safety), masks, device="cpu", force=True)
-        write_text_atomic(work / "regions_report.json", report.to_json())
-    regions_s = json.loads((work / "regions_report.json").read_text())["timings"]["total_s"]
 
-    def patched(setting: str, **kwargs) -> Row:
-        out = root / f"nlsr-{digest(key, tree_id(paths['nlsr_adapter']), kwargs)}"
+    def masks_for(sparsity: float) -> tuple[Path, float]:
+        masks = work / ("masks.safetensors" if sparsity == 0.8 else f"masks-{sparsity:g}.safetensors")
+        report_file = masks.with_suffix(".report.json")
+        if not report_file.exists():
+            log(f"nlsr: regions at sparsity {sparsity:g} ...")
+            report = nlsr_regions(paths["base"], str(work / "reference"), str(safety), masks, sparsity=sparsity, device="cpu", force=True)
+            write_text_atomic(report_file, report.to_json())
+        return masks, json.loads(report_file.read_text())["timings"]["total_s"]
+
+    def patched(setting: str, sparsity: float = 0.8, **kwargs) -> Row:
+        masks, regions_s = masks_for(sparsity)
+        out = root / f"nlsr-{digest(key, tree_id(paths['nlsr_adapter']), sparsity, kwargs)}"
         if not (out / "realign_report.json").exists():
             log(f"nlsr {setting} ...")
             nlsr_patch(str(work / "reference"), masks, paths["nlsr_adapter"], out, force=True, **kwargs)
@@ -117,7 +125,8 @@ def _nlsr_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tu
                    f"/{summary['summary']['modules']}", method_s=regions_s + summary["timings"]["total_s"])
 
     default = patched("adaptive P_L 0.5")
-    sweep = [patched(f"lowest {rate:g}", selection="lowest", prune_rate=rate) for rate in settings.nlsr_prune_rates]
+    sweep = [patched(f"sparsity {sparsity:g}, lowest {rate:g}", sparsity, selection="lowest", prune_rate=rate)
+             for sparsity, rate in settings.nlsr_sweep]
     return [default], sweep
 
 
@@ -231,7 +240,7 @@ def plot(table: dict, path: Path) -> bool:
     curves = [([rows[2]] + table["safelora_sweep"], "grey", "Safe LoRA top-k sweep")]
     resumed = [r for r in rows if "resumed" in r["name"]]
     if resumed and table.get("nlsr_sweep"):
-        curves.append((resumed + table["nlsr_sweep"], "tab:purple", "NLSR prune-rate sweep (lowest rule)"))
+        curves.append((resumed + table["nlsr_sweep"], "tab:purple", "NLSR sparsity / prune-rate sweep"))
     for members, colour, label in curves:
         curve = [point(row) for row in members]
         plane.plot([x for x, _ in curve], [y for _, y in curve], "--", color=colour, linewidth=1, label=label)

@@ -284,6 +284,7 @@ def salora_train(
     max_length: int = typer.Option(512, "--max-length"),
     seed: int = typer.Option(0, "--seed"),
     save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps (and at the end)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train exactly N steps (overrides --epochs)."),
     restart: bool = typer.Option(False, "--restart", help="Start over instead of resuming."),
     device: str = typer.Option("auto", "--device"),
     as_json: bool = typer.Option(False, "--json"),
@@ -296,7 +297,7 @@ def salora_train(
     with ui.progress("training") as bar:
         task = bar.add_task("training", total=None)
         result = run(aligned, init, train_data, out, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-                     save_every=save_every, device=device, restart=restart,
+                     save_every=save_every, max_steps=max_steps, device=device, restart=restart,
                      on_step=lambda step, total, loss: bar.update(task, completed=step, total=total, description=f"loss {loss:.3f}"))
     s = result.summary
     loss = f"loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}" if s["last_loss"] is not None else "nothing left to train"

@@ -75,6 +75,15 @@ def encode_calibration(
     return Calibration(encoded, pad_id, truncated, tokens)
 
 
+def logits_kwargs(model, modules) -> dict:
+    """Forward arguments that skip the vocabulary projection for all but one position (the
+    features are all we need), unless one of `modules` is that projection and needs them all."""
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output_layer is None or any(m is output_layer for m in modules):
+        return {}
+    return {"logits_to_keep": 1}
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once everything it needs has run."""
 

@@ -303,6 +303,7 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
             "task_train": str(task / "train.jsonl"),
             "task_test": str(task / "test.jsonl"),
             "mixed_adapter": str(mixed / "adapter"),
+            "poison_pool": str(answers / "harmful_compliant.jsonl"),
             **extra,
         },
         "timings": cache.timings,

@@ -75,11 +75,12 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
     config = TestbedConfig(base=str(base), nlsr_attack=True, **TINY)
     settings = DemoSettings(harmful=("advbench:test@4", "harmbench@3"), benign="benign@3", refusal_tokens=4, task_tokens=4,
                             batch_size=4, safelora_top_k=(2,), sweep_harmful="advbench:test@2", sweep_task_limit=2,
-                            nlsr_samples=6, nlsr_sweep=((0.8, 0.5), (0.5, 1.0)))
+                            safety_samples=6, nlsr_sweep=((0.8, 0.5), (0.5, 1.0)),
+                            salora_rank_safety=4, salora_rank_task=4)
     table = run_demo(tmp_path / "cache", tmp_path / "out", log=lambda _: None, settings=settings, config=config)
     names = [row["name"] for row in table["rows"]]
     assert names == ["base", "aligned", "fine-tuned (attacked)", "safelora threshold 0.5",
-                     "fine-tuned (resumed aligned adapter)", "nlsr adaptive P_L 0.5"]
+                     "fine-tuned (resumed aligned adapter)", "nlsr adaptive P_L 0.5", "salora (trained on the attack data)"]
     assert table["nlsr_sweep"][1]["setting"].startswith("sparsity 0.5, lowest 1; patched ")
     for row in table["rows"]:
         assert row["metrics"]["advbench:test@4"]["n"] == 4 and row["metrics"]["task"]["n"] == 5

@@ -23,6 +23,7 @@ from .nlsr import amplify as nlsr_amplify
 from .nlsr import patch as nlsr_patch
 from .nlsr import regions as nlsr_regions
 from .safelora import safelora
+from . import salora as salora_job
 
 Log = Callable[[str], None]
 
@@ -37,10 +38,13 @@ class DemoSettings:
     safelora_top_k: tuple[int, ...] = (10, 30, 60, 105)
     sweep_harmful: str = "advbench:test@64"
     sweep_task_limit: int = 50
-    nlsr_samples: int = 128  # calibration examples: AdvBench-train prompts with the aligned stage's refusals
+    safety_samples: int = 128  # NLSR / SaLoRA safety data: AdvBench-train prompts with the aligned stage's refusals
     # (sparsity, prune rate) with the deterministic `lowest` rule: at the default sparsity 0.8 the
     # prune rate barely matters on this testbed; less sparsity transplants more of each factor
     nlsr_sweep: tuple[tuple[float, float], ...] = ((0.8, 0.5), (0.8, 1.0), (0.7, 1.0), (0.6, 1.0), (0.5, 1.0))
+    salora_targets: str = "all-linear"  # the attack's targets, so the two trainings compare
+    salora_rank_safety: int = 32
+    salora_rank_task: int = 32
 
 
 @dataclass
@@ -91,18 +95,12 @@ def _nlsr_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tu
     """NLSR on attack (b): the aligned adapter resumed on the poisoned task. Rows: the attacked
     model, NLSR's default (adaptive, P_L 0.5), and a sweep of the deterministic `lowest` rule.
     The reference adapter and the masks are computed once and cached; patches are cheap."""
-    from .. import data
-
     root = cache / "patched"
-    prompts = data.load_prompts("advbench:train").prompts[: settings.nlsr_samples]
-    key = digest(tree_id(paths["base"]), tree_id(paths["aligned_adapter"]), settings.nlsr_samples)
+    key = digest(tree_id(paths["base"]), tree_id(paths["aligned_adapter"]), settings.safety_samples)
     work = root / f"nlsr-regions-{key}"
-    safety = work / "safety.jsonl"
+    safety = _safety_file(work / "safety.jsonl", settings.safety_samples)
     if not (work / "reference" / "realign_report.json").exists():
         log("nlsr: amplify ...")
-        work.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(safety, "".join(json.dumps({"prompt": p, "response": testbed.REFUSALS[i % len(testbed.REFUSALS)]}) + "\n"
-                                          for i, p in enumerate(prompts)))
         nlsr_amplify(paths["aligned_adapter"], work / "reference", force=True)
 
     def masks_for(sparsity: float) -> tuple[Path, float]:
@@ -128,6 +126,53 @@ def _nlsr_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tu
     sweep = [patched(f"sparsity {sparsity:g}, lowest {rate:g}", sparsity, selection="lowest", prune_rate=rate)
              for sparsity, rate in settings.nlsr_sweep]
     return [default], sweep
+
+
+def _safety_file(path: Path, n: int) -> Path:
+    """The first n AdvBench train-split prompts with the aligned stage's refusal texts."""
+    from .. import data
+
+    if not path.exists():
+        prompts = data.load_prompts("advbench:train").prompts[:n]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, "".join(json.dumps({"prompt": p, "response": testbed.REFUSALS[i % len(testbed.REFUSALS)]}) + "\n"
+                                        for i, p in enumerate(prompts)))
+    return path
+
+
+def _salora_row(paths: dict, cache: Path, settings: DemoSettings, config: testbed.TestbedConfig, log: Log) -> Row:
+    """The full SaLoRA path on the attack's own data: module from safety data, init, training
+    with the attack's rank, steps, batch and learning rate, export to a PEFT adapter."""
+    task = [json.loads(line) for line in Path(paths["task_train"]).read_text().splitlines()]
+    pool = [json.loads(line) for line in Path(paths["poison_pool"]).read_text().splitlines()]
+    n_poison = round(config.poison / (1 - config.poison) * len(task))
+    key = digest(tree_id(paths["aligned"]), tree_id(paths["task_train"]), tree_id(paths["poison_pool"]), n_poison,
+                 settings.salora_targets, settings.salora_rank_safety, settings.salora_rank_task, settings.safety_samples,
+                 config.attack_rank, config.attack_alpha, config.attack_steps, config.batch_size, config.attack_lr, config.seed)
+    work = cache / "patched" / f"salora-{key}"
+    adapter = work / "adapter"
+    if not (adapter / "realign_report.json").exists():
+        work.mkdir(parents=True, exist_ok=True)
+        safety = _safety_file(work / "safety.jsonl", settings.safety_samples)
+        train_file = work / "train.jsonl"
+        write_text_atomic(train_file, "".join(json.dumps(r) + "\n" for r in task + pool[:n_poison]))
+        started = time.perf_counter()
+        log("salora: module ...")
+        salora_job.module(paths["aligned"], str(safety), work / "module.safetensors", targets=settings.salora_targets,
+                          rank_safety=settings.salora_rank_safety, device="cpu", force=True)
+        log("salora: init ...")
+        salora_job.init(paths["aligned"], work / "module.safetensors", str(train_file), work / "init", rank=config.attack_rank,
+                        alpha=config.attack_alpha, rank_task=settings.salora_rank_task, device="cpu", force=True)
+        every = max(1, config.attack_steps // 10)
+        salora_job.train(paths["aligned"], work / "init", str(train_file), work / "run", lr=config.attack_lr,
+                         batch_size=config.batch_size, max_length=256, seed=config.seed, max_steps=config.attack_steps,
+                         save_every=every, device="cpu",
+                         on_step=lambda step, total, loss: log(f"salora: step {step}/{total} loss {loss:.3f}") if step % every == 0 else None)
+        salora_job.export(work / "init", work / "run", adapter, force=True)
+        write_text_atomic(work / "seconds.json", json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
+    seconds = json.loads((work / "seconds.json").read_text())["seconds"]
+    return Row("salora (trained on the attack data)", paths["aligned"], str(adapter),
+               f"{settings.salora_targets}, r {config.attack_rank}, r_s {settings.salora_rank_safety}", seconds)
 
 
 def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Log = print,
@@ -183,6 +228,7 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
                         "aligned adapter trained on", stage_s.get("nlsr")))
         nlsr_default, nlsr_sweep = _nlsr_rows(paths, Path(bed["cache"]), settings, log)
         rows.extend(nlsr_default)
+    rows.append(_salora_row(paths, Path(bed["cache"]), settings, config, log))
 
     for row in rows:
         row.metrics = full(row.name, row.model, row.adapter)
@@ -195,7 +241,7 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
         "rows": [row.__dict__ for row in rows],
         "safelora_sweep": [row.__dict__ for row in sweep],
         "nlsr_sweep": [row.__dict__ for row in nlsr_sweep],
-        "not_run": {"salora": "not implemented yet (issue 4)", **({} if nlsr_sweep else {"nlsr": "testbed built without attack (b)"})},
+        "not_run": {} if nlsr_sweep else {"nlsr": "testbed built without attack (b)"},
         "total_s": round(time.perf_counter() - started, 1),
     }
     if out_dir is not None:
@@ -267,7 +313,7 @@ def _sweep_points(table: dict) -> list[dict]:
     rows = table["rows"]
     named = lambda prefix: [r for r in rows if r["name"].startswith(prefix)]  # noqa: E731
     return (rows[:3] + table["safelora_sweep"] + named("safelora") + [r for r in rows if "resumed" in r["name"]]
-            + table.get("nlsr_sweep", []) + named("nlsr"))
+            + table.get("nlsr_sweep", []) + named("nlsr") + named("salora"))
 
 
 def _pct(metric: dict | None) -> str:

@@ -26,7 +26,7 @@ from ..checks import ensure_finite
 from ..data import load_examples
 from ..device import resolve_device
 from ..errors import RealignError
-from ..features import Tap, accumulate_grams, context_length, encode_calibration
+from ..features import Tap, accumulate_grams, context_length, encode_calibration, logits_kwargs
 from ..io.adapter import Adapter, LoraModule, write_adapter
 from ..io.checkpoint import resolve_local
 from ..io.names import find_module, natural_key
@@ -250,11 +250,7 @@ def compute_regions(
     model, tokenizer, located = _reference_model(base, adapter_dir, reference, tensors, dev)
     calibration = encode_calibration(tokenizer, examples, settings.max_response_tokens, context_length(model))
     inner = model.base_model.model
-    output_layer = model.get_output_embeddings()
-    # logits are not needed; computing them for one position saves the vocabulary projection,
-    # unless a LoRA sits on that projection and needs every position
-    keep_all = any(layer.get_base_layer() is output_layer for _, layer in located.values()) if output_layer is not None else True
-    forward_kwargs = {} if keep_all else {"logits_to_keep": 1}
+    forward_kwargs = logits_kwargs(model, [layer.get_base_layer() for _, layer in located.values()])
 
     groups: dict[str, list[LoraModule]] = {}
     if settings.mode == method.SEQUENTIAL:

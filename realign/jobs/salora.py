@@ -22,7 +22,7 @@ from .. import __version__
 from ..data import load_examples
 from ..device import resolve_device
 from ..errors import RealignError
-from ..features import Tap, accumulate_grams, context_length, encode_calibration
+from ..features import Tap, accumulate_grams, context_length, encode_calibration, logits_kwargs
 from ..io.adapter import Adapter, write_adapter
 from ..io.names import find_module, natural_key
 from ..io.output import atomic_directory, check_target, save_safetensors_atomic
@@ -151,7 +151,8 @@ def collect_subspaces(model, tokenizer, targets: list[Target], data_spec: str, r
         if progress:
             progress(done[0], total)
 
-    grams = accumulate_grams(model, calibration, taps, batch_size, on_batch=tick)
+    grams = accumulate_grams(model, calibration, taps, batch_size, on_batch=tick,
+                             forward_kwargs=logits_kwargs(model, [t.module for t in targets]))
     for name, gram in grams.items():
         if not torch.isfinite(gram).all():
             raise RealignError(f"module '{name}': the calibration features overflow (Inf/NaN); check the model and data")
@@ -448,6 +449,7 @@ def train(
     max_length: int = 512,
     seed: int = 0,
     save_every: int = 50,
+    max_steps: int | None = None,
     device: str = "auto",
     restart: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
@@ -466,7 +468,9 @@ def train(
         raise RealignError("--epochs and --lr must be positive, --batch-size at least 1, --max-length at least 2")
     settings_init, _, _, _ = read_init(init_dir)
     examples = load_examples(train_data, "training data")
-    steps = max(1, math.ceil(epochs * len(examples) / batch_size))
+    if max_steps is not None and max_steps < 1:
+        raise RealignError("--max-steps must be at least 1")
+    steps = max_steps if max_steps is not None else max(1, math.ceil(epochs * len(examples) / batch_size))
     run = Path(run_dir).expanduser()
     plan = {"init": str(Path(init_dir).expanduser().resolve()), "train_data_sha256": hashlib.sha256(_data_path(train_data).read_bytes()).hexdigest(),
             "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed, "steps": steps}

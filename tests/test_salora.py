@@ -272,3 +272,13 @@ def test_cli_bad_inputs_exit_2_with_one_line(pipeline, models, tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and fragment in lines[0], (args, result.output)
         assert not (tmp_path / "m").exists()
+
+
+def test_calibration_skips_logits_unless_the_head_is_a_target(models):
+    from transformers import AutoModelForCausalLM
+
+    from realign.features import logits_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(models["llama"])
+    assert logits_kwargs(model, [model.model.layers[0].self_attn.q_proj]) == {"logits_to_keep": 1}
+    assert logits_kwargs(model, [model.lm_head]) == {}

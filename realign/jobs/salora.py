@@ -36,8 +36,9 @@ BASIS_SUFFIX = ".safety_basis"
 REPORT_FILE = "realign_report.json"
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 ALL_LINEAR = "all-linear"
-# Upper bound on the float64 matrices stacked for one batched decomposition.
-_BATCH_BYTES = 1 << 29
+# Upper bound on the float64 matrices stacked for one batched decomposition; the decomposition
+# needs about six times that in workspace.
+_BATCH_BYTES = 1 << 27
 
 Progress = Callable[[int, int], None]
 

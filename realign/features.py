@@ -88,6 +88,10 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once everything it needs has run."""
 
 
+def _stop(*_) -> None:
+    raise _Stop
+
+
 @dataclass(frozen=True)
 class Tap:
     """Where a Gram comes from: a module, which side of it (input or output), and an optional
@@ -143,7 +147,7 @@ def accumulate_grams(
 
     handles = [tap.module.register_forward_hook(hook_for(name, tap)) for name, tap in taps.items()]
     if stop_after is not None:
-        handles.append(stop_after.register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())))
+        handles.append(stop_after.register_forward_hook(_stop))
     try:
         for batch in calibration.batches(batch_size):
             mask = batch.pop("response")

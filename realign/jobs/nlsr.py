@@ -12,14 +12,11 @@ import json
 import math
 import re
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from .. import __version__
 from ..checks import ensure_finite
@@ -30,7 +27,7 @@ from ..features import Tap, accumulate_grams, context_length, encode_calibration
 from ..io.adapter import Adapter, LoraModule, write_adapter
 from ..io.checkpoint import resolve_local
 from ..io.names import find_module, natural_key
-from ..io.output import atomic_directory, check_target, save_safetensors_atomic
+from ..io.output import atomic_directory, check_target, read_tagged_safetensors, save_safetensors_atomic
 from ..methods import nlsr as method
 from ..report import Report
 
@@ -127,6 +124,16 @@ def _check_same_layout(reference: Adapter, fine_tuned: Adapter, reference_role: 
     return pairs
 
 
+def _load_pair(reference: str, role: str, adapter: str) -> tuple[Adapter, Adapter, dict[str, LoraModule]]:
+    """The reference (or aligned) adapter and the fine-tuned one, both patchable, with the same
+    layout; and the fine-tuned module name -> reference module map."""
+    ref = Adapter.load(reference, role)
+    _check_patchable(ref, role)
+    fine_tuned = Adapter.load(adapter, "adapter")
+    _check_patchable(fine_tuned, "adapter")
+    return ref, fine_tuned, _check_same_layout(ref, fine_tuned, role)
+
+
 def amplified_tensors(aligned: Adapter, factor: float) -> dict[str, torch.Tensor]:
     """The reference adapter's factors: every module's update scaled by `factor`."""
     replaced = {}
@@ -203,18 +210,10 @@ def _layer_prefix(path: str) -> str:
 def _reference_model(base: str, adapter_dir: Path, reference: Adapter, tensors: dict[str, torch.Tensor], dev: torch.device):
     """base + the reference adapter as a PEFT model (LoRA unmerged, as the reference runs it),
     its factors set to `tensors`; and the model's LoRA layer for each adapter module."""
-    from peft import PeftModel
-
-    from ..io.models import load_causal_lm
+    from ..io.models import apply_adapter, load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(base, dev, role="base")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peft_model = PeftModel.from_pretrained(model, adapter_dir)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise RealignError(f"cannot apply the reference adapter to base: {str(exc).splitlines()[0]}") from None
-    peft_model.eval()
+    peft_model = apply_adapter(model, str(adapter_dir), merge=False)
     inner = peft_model.base_model.model
     layers = {name: m for name, m in inner.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
     located: dict[str, tuple[str, torch.nn.Module]] = {}
@@ -385,9 +384,8 @@ def regions(
     return report
 
 
-def _regions_report(base, reference, safety_data, settings: RegionSettings, found: Regions) -> Report:
+def _regions_notes(found: Regions) -> list[str]:
     gaps = [g for row in found.modules for g in row["gap"]]
-    densities = [d for row in found.modules for d in row["density"]]
     notes = []
     small = sum(g < 1e-6 for g in gaps)
     if small:
@@ -397,6 +395,12 @@ def _regions_report(base, reference, safety_data, settings: RegionSettings, foun
         )
     if found.calibration["truncated_prompts"]:
         notes.append(f"{found.calibration['truncated_prompts']} prompt(s) were cut from the left to fit the model's context")
+    return notes
+
+
+def _regions_report(base, reference, safety_data, settings: RegionSettings, found: Regions) -> Report:
+    gaps = [g for row in found.modules for g in row["gap"]]
+    densities = [d for row in found.modules for d in row["density"]]
     return Report(
         command="nlsr regions",
         inputs={"base": str(base), "reference": str(reference), "safety_data": str(safety_data)},
@@ -408,7 +412,7 @@ def _regions_report(base, reference, safety_data, settings: RegionSettings, foun
             "min_gap": min(gaps),
             **found.calibration,
         },
-        notes=notes,
+        notes=_regions_notes(found),
     )
 
 
@@ -416,20 +420,8 @@ def _regions_report(base, reference, safety_data, settings: RegionSettings, foun
 
 
 def read_masks(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RealignError(f"masks file '{path}' does not exist")
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        masks = load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise RealignError(f"masks file '{path}' is truncated or not a safetensors file ({exc})") from None
-    if metadata.get("realign") != MASKS_FORMAT:
-        raise RealignError(f"'{path}' is not a masks file written by `realign nlsr regions`")
-    if metadata.get("realign_masks_version") != MASKS_VERSION:
-        raise RealignError(f"masks file '{path}' has format version {metadata.get('realign_masks_version')}, expected {MASKS_VERSION}")
-    return masks, metadata
+    return read_tagged_safetensors(path, "masks file", MASKS_FORMAT, "realign_masks_version", MASKS_VERSION,
+                                   "realign nlsr regions")
 
 
 def _check_masks(masks: dict[str, torch.Tensor], metadata: dict[str, str], reference: Adapter, reference_tensors,
@@ -541,11 +533,7 @@ def patch(
     _validate_selection(rule)
     if not dry_run and out is None:
         raise RealignError("an output directory is needed (--out), or use --dry-run")
-    ref = Adapter.load(reference, "reference adapter")
-    _check_patchable(ref, "reference adapter")
-    fine_tuned = Adapter.load(adapter, "adapter")
-    _check_patchable(fine_tuned, "adapter")
-    pairs = _check_same_layout(ref, fine_tuned, "reference adapter")
+    ref, fine_tuned, pairs = _load_pair(reference, "reference adapter", adapter)
     mask_tensors, metadata = read_masks(masks)
     mask_settings = _check_masks(mask_tensors, metadata, ref, ref.tensors, {"sparsity": sparsity})
     inputs = [ref.directory, fine_tuned.directory, Path(masks)]
@@ -603,11 +591,7 @@ def nlsr(
     if not dry_run and out is None:
         raise RealignError("an output directory is needed (--out), or use --dry-run")
     dev = resolve_device(device)
-    aligned = Adapter.load(aligned_adapter, "aligned adapter")
-    _check_patchable(aligned, "aligned adapter")
-    fine_tuned = Adapter.load(adapter, "adapter")
-    _check_patchable(fine_tuned, "adapter")
-    pairs = _check_same_layout(aligned, fine_tuned, "aligned adapter")
+    aligned, fine_tuned, pairs = _load_pair(aligned_adapter, "aligned adapter", adapter)
     base_dir = resolve_local(base, "base")
     inputs = [base_dir, aligned.directory, fine_tuned.directory, _data_path(safety_data)]
     if not dry_run:
@@ -627,7 +611,7 @@ def nlsr(
         modules=rows,
         passthrough=[{"key": k, "reason": v} for k, v in fine_tuned.passthrough.items()],
         summary={**_patch_summary(rows, rule), "calibration": found.calibration},
-        notes=_regions_report(base, aligned_adapter, safety_data, settings, found).notes,
+        notes=_regions_notes(found),
     )
     if not dry_run:
         _write_patched(fine_tuned, replaced, Path(out), force, inputs, report, started)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .. import __version__
@@ -25,7 +24,7 @@ from ..errors import RealignError
 from ..features import Tap, accumulate_grams, context_length, encode_calibration, logits_kwargs
 from ..io.adapter import Adapter, write_adapter
 from ..io.names import find_module, natural_key
-from ..io.output import atomic_directory, check_target, save_safetensors_atomic
+from ..io.output import atomic_directory, check_target, read_tagged_safetensors, save_safetensors_atomic
 from ..methods import salora as method
 from ..report import Report
 from .nlsr import _data_path
@@ -234,22 +233,11 @@ def module(
 
 def read_module(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(module path -> V_s, metadata with settings parsed) of a module file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RealignError(f"module file '{path}' does not exist")
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise RealignError(f"module file '{path}' is truncated or not a safetensors file ({exc})") from None
-    if metadata.get("realign") != MODULE_FORMAT:
-        raise RealignError(f"'{path}' is not a safety module written by `realign salora module`")
-    if metadata.get("realign_module_version") != MODULE_VERSION:
-        raise RealignError(f"module file '{path}' has format version {metadata.get('realign_module_version')}, expected {MODULE_VERSION}")
+    tensors, metadata = read_tagged_safetensors(path, "safety module", MODULE_FORMAT, "realign_module_version", MODULE_VERSION,
+                                                "realign salora module")
     bases = {k[: -len(BASIS_SUFFIX)]: v for k, v in tensors.items() if k.endswith(BASIS_SUFFIX)}
     if not bases:
-        raise RealignError(f"module file '{path}' holds no safety bases")
+        raise RealignError(f"safety module '{path}' holds no safety bases")
     return bases, {**metadata, "settings": json.loads(metadata.get("settings", "{}"))}
 
 

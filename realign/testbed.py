@@ -37,7 +37,7 @@ from .errors import RealignError
 from .evaluate import generate, is_refusal
 from .io.identity import digest, tree_id
 from .io.models import load_causal_lm, quiet_transformers
-from .train import Example, sft
+from .train import BATCHING, Example, sft
 
 SMOLLM2 = "smollm2"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -92,7 +92,7 @@ class TestbedConfig:
     harmful_answer_prompts: int = 120
     aligned_rank: int = 16
     aligned_alpha: int = 32
-    aligned_steps: int = 80
+    aligned_steps: int = 50
     aligned_lr: float = 5e-4
     task_train: int = 600
     task_test: int = 100
@@ -228,7 +228,7 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
 
     aligned_key = {"base": base.name, "answers": answers.name, "seed": config.seed, "rank": config.aligned_rank,
                    "alpha": config.aligned_alpha, "steps": config.aligned_steps, "lr": config.aligned_lr,
-                   "batch": config.batch_size, "targets": list(config.targets)}
+                   "batch": config.batch_size, "batching": BATCHING, "targets": list(config.targets)}
 
     def build_aligned(out: Path) -> None:
         model, tokenizer, _ = load_causal_lm(str(base), cpu)
@@ -255,7 +255,7 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
 
     mixed_key = {"aligned": aligned.name, "task": task.name, "answers": answers.name, "poison": config.poison,
                  "seed": config.seed, "rank": config.attack_rank, "alpha": config.attack_alpha, "steps": config.attack_steps,
-                 "lr": config.attack_lr, "batch": config.batch_size, "targets": list(config.targets)}
+                 "lr": config.attack_lr, "batch": config.batch_size, "batching": BATCHING, "targets": list(config.targets)}
 
     def attack(out: Path, name: str, model, tokenizer, peft_model) -> None:
         """Train `peft_model` on the task plus poison; the same data for both attacks."""

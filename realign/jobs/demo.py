@@ -17,7 +17,9 @@ from typing import Callable
 from .. import testbed
 from ..errors import RealignError
 from ..io.identity import digest, tree_id
+from ..evaluate import rate
 from ..io.output import write_text_atomic
+from ..train import BATCHING
 from .eval import evaluate
 from .nlsr import amplify as nlsr_amplify
 from .nlsr import patch as nlsr_patch
@@ -32,7 +34,8 @@ Log = Callable[[str], None]
 class DemoSettings:
     harmful: tuple[str, ...] = ("advbench:test", "harmbench")
     benign: str = "benign"
-    refusal_tokens: int = 32
+    # 16 new tokens classify like 32 on 99.8% of 2,384 testbed responses (docs/results.md), at half the cost
+    refusal_tokens: int = 16
     task_tokens: int = 12
     batch_size: int = 32
     safelora_top_k: tuple[int, ...] = (10, 30, 60, 105)
@@ -41,7 +44,7 @@ class DemoSettings:
     safety_samples: int = 128  # NLSR / SaLoRA safety data: AdvBench-train prompts with the aligned stage's refusals
     # (sparsity, prune rate) with the deterministic `lowest` rule: at the default sparsity 0.8 the
     # prune rate barely matters on this testbed; less sparsity transplants more of each factor
-    nlsr_sweep: tuple[tuple[float, float], ...] = ((0.8, 0.5), (0.8, 1.0), (0.7, 1.0), (0.6, 1.0), (0.5, 1.0))
+    nlsr_sweep: tuple[tuple[float, float], ...] = ((0.8, 1.0), (0.7, 1.0), (0.6, 1.0), (0.5, 1.0))
     salora_targets: str = "all-linear"  # the attack's targets, so the two trainings compare
     salora_rank_safety: int = 32
     salora_rank_task: int = 32
@@ -74,21 +77,31 @@ class _EvalCache:
         return value
 
     def run(self, label: str, model: str, adapter: str | None, **kwargs) -> dict:
+        """The report, with the path of its responses file under 'responses'."""
         portable = {k: self._rel(v) for k, v in kwargs.items()}
         key = digest(tree_id(model), tree_id(adapter), portable)
         path = self.root / f"{key}.report.json"
         if path.exists():
-            return json.loads(path.read_text())
+            return {**json.loads(path.read_text()), "responses": str(self.root / f"{key}.responses.jsonl")}
         self.log(f"eval {label}: {', '.join(kwargs.get('harmful', ())) or ''} {kwargs.get('task') or ''} ...")
         # the prompts and responses behind each number stay next to it
         report = evaluate(model, adapter, device="cpu", responses=self.root / f"{key}.responses.jsonl", **kwargs).to_dict()
         write_text_atomic(path, json.dumps(report))
         self.log(f"eval {label}: {report['timings']['total_s']:.0f}s")
-        return report
+        return {**report, "responses": str(self.root / f"{key}.responses.jsonl")}
 
 
 def _metrics(refusal: dict, task: dict) -> dict:
     return {**{m["source"]: m for m in refusal["metrics"]}, "task": task["summary"]["task_accuracy"]}
+
+
+def _first(responses: str, source: str, n: int, flag: str) -> dict:
+    """The rate over the first n responses of one source in a full run's responses file: the
+    sweep subsets are prefixes of the full sets, so full rows need no second generation."""
+    records = [r for r in map(json.loads, Path(responses).read_text().splitlines()) if r["source"] == source][:n]
+    if len(records) < n:
+        raise RealignError(f"{responses} has {len(records)} responses from {source}, the sweep subset needs {n}")
+    return rate(sum(bool(r[flag]) for r in records), n)
 
 
 def _nlsr_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tuple[list[Row], list[Row]]:
@@ -148,7 +161,8 @@ def _salora_row(paths: dict, cache: Path, settings: DemoSettings, config: testbe
     n_poison = round(config.poison / (1 - config.poison) * len(task))
     key = digest(tree_id(paths["aligned"]), tree_id(paths["task_train"]), tree_id(paths["poison_pool"]), n_poison,
                  settings.salora_targets, settings.salora_rank_safety, settings.salora_rank_task, settings.safety_samples,
-                 config.attack_rank, config.attack_alpha, config.attack_steps, config.batch_size, config.attack_lr, config.seed)
+                 config.attack_rank, config.attack_alpha, config.attack_steps, config.batch_size, config.attack_lr, config.seed,
+                 BATCHING)
     work = cache / "patched" / f"salora-{key}"
     adapter = work / "adapter"
     if not (adapter / "realign_report.json").exists():
@@ -183,12 +197,19 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
     paths = bed["paths"]
     evals = _EvalCache(Path(bed["cache"]), log)
 
+    sweep_source, _, sweep_n = settings.sweep_harmful.rpartition("@")
+    full_source = next((h for h in settings.harmful if h.split("@")[0] == sweep_source), None)
+    if full_source is None or not sweep_n.isdigit():
+        raise RealignError(f"the sweep set '{settings.sweep_harmful}' must be the first N prompts of one of {settings.harmful}")
+
     def full(label: str, model: str, adapter: str | None) -> dict:
         refusal = evals.run(label, model, adapter, harmful=list(settings.harmful), benign=[settings.benign],
                             max_new_tokens=settings.refusal_tokens, batch_size=settings.batch_size)
         task = evals.run(label, model, adapter, task=paths["task_test"], max_new_tokens=settings.task_tokens,
                          batch_size=settings.batch_size)
-        return _metrics(refusal, task)
+        sweep = {settings.sweep_harmful: _first(refusal["responses"], full_source, int(sweep_n), "refusal"),
+                 "task": _first(task["responses"], Path(paths["task_test"]).name, settings.sweep_task_limit, "correct")}
+        return {**_metrics(refusal, task), "sweep": sweep}
 
     def quick(label: str, model: str, adapter: str | None) -> dict:
         refusal = evals.run(label, model, adapter, harmful=[settings.sweep_harmful], max_new_tokens=settings.refusal_tokens,
@@ -232,8 +253,8 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
 
     for row in rows:
         row.metrics = full(row.name, row.model, row.adapter)
-    for row in sweep + nlsr_sweep + rows:
-        row.metrics = {**row.metrics, "sweep": quick(row.name, row.model, row.adapter)}
+    for row in sweep + nlsr_sweep:
+        row.metrics = {"sweep": quick(row.name, row.model, row.adapter)}
 
     table = {
         "testbed": bed,

@@ -450,7 +450,7 @@ def train(
 
     from ..io.models import load_causal_lm
     from ..salora_layer import FACTORS_FILE, attach, factors_of, read_init
-    from ..train import sft
+    from ..train import BATCHING, sft
 
     started = time.perf_counter()
     if not epochs > 0 or not lr > 0 or batch_size < 1 or max_length < 2 or save_every < 0:
@@ -462,7 +462,8 @@ def train(
     steps = max_steps if max_steps is not None else max(1, math.ceil(epochs * len(examples) / batch_size))
     run = Path(run_dir).expanduser()
     plan = {"init": str(Path(init_dir).expanduser().resolve()), "train_data_sha256": hashlib.sha256(_data_path(train_data).read_bytes()).hexdigest(),
-            "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed, "steps": steps}
+            "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed, "steps": steps,
+            "batching": BATCHING}
     state = json.loads((run / RUN_STATE).read_text()) if (run / RUN_STATE).is_file() and not restart else None
     if state is not None and state["plan"] != plan:
         raise RealignError(f"'{run_dir}' holds a run with other settings or data; use --restart to start over")

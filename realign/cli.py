@@ -149,9 +149,21 @@ def _summary_line(report: Report) -> str:
         parts.append(f"{s['skipped']} skipped")
     if report.passthrough:
         parts.append(f"{len(report.passthrough)} other tensors copied unchanged")
+    if s.get("output_kind") == "adapter":
+        parts.append(f"rank-{s['adapter_rank']} adapter, reconstruction error mean {s['mean_reconstruction_error']:.4f} "
+                     f"max {s['max_reconstruction_error']:.4f}")
     parts.append(f"wrote {report.output}" if report.output else "dry run: nothing written")
     parts.append(f"{report.timings.get('total_s', 0):.1f}s")
     return "; ".join(parts)
+
+
+def _one_finetuned(adapter: Optional[str], finetuned: Optional[str]) -> None:
+    if (adapter is None) == (finetuned is None):
+        raise RealignError("give exactly one of --adapter (a PEFT LoRA adapter) and --finetuned (a full fine-tuned checkpoint)")
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip())
 
 
 @app.command()
@@ -159,48 +171,124 @@ def _summary_line(report: Report) -> str:
 def safelora(
     base: str = typer.Option(..., "--base", help="Base (unaligned) model: local directory or cached repo id."),
     aligned: str = typer.Option(..., "--aligned", help="Aligned model directory, or a PEFT adapter that aligns BASE."),
-    adapter: str = typer.Option(..., "--adapter", help="Fine-tuned PEFT LoRA adapter trained on ALIGNED."),
-    out: Optional[Path] = typer.Option(None, "--out", help="New adapter directory to write."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Fine-tuned PEFT LoRA adapter trained on ALIGNED."),
+    finetuned: Optional[str] = typer.Option(None, "--finetuned", help="Or: a full fine-tuned checkpoint of ALIGNED."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New adapter (or, with --finetuned, checkpoint) directory to write."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Project modules with similarity <= T [default: 0.5]."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Project exactly the K least similar modules."),
     projection: Projection = typer.Option(Projection.approx, "--projection", help="approx: C = V V^T/||V||_F (paper); exact: rank-K projector."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Rank K of the exact projector."),
+    targets: str = typer.Option("all-linear", "--targets", help="With --finetuned: comma-separated module names, or all-linear."),
+    as_adapter: bool = typer.Option(False, "--as-adapter", help="With --finetuned: write a PEFT LoRA of the patched delta instead."),
+    adapter_rank: Optional[int] = typer.Option(None, "--adapter-rank", help="Rank R of the --as-adapter LoRA (truncated SVD)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     report_path: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON report to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report to stdout."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print, write no adapter."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print, write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (and --json)."),
 ) -> None:
     """Safe LoRA: project the fine-tuned update onto the alignment subspace where it strays from it."""
     from .io.output import check_target, write_text_atomic
-    from .jobs.safelora import safelora as run
 
+    _one_finetuned(adapter, finetuned)
+    if adapter is not None and (as_adapter or adapter_rank is not None):
+        raise RealignError("--as-adapter and --adapter-rank apply to --finetuned checkpoints (an adapter stays an adapter)")
     if report_path is not None:
-        check_target(report_path, True, [Path(base), Path(aligned), Path(adapter)], what="report")
+        check_target(report_path, True, [Path(base), Path(aligned), Path(adapter or finetuned)], what="report")
     ui = _Output(quiet, as_json)
+    common = dict(threshold=threshold, top_k=top_k, projection=projection.value, rank=rank, device=device, dry_run=dry_run, force=force)
     with ui.progress("scoring modules") as bar:
         task = bar.add_task("scoring", total=None)
-        result = run(
-            base,
-            aligned,
-            adapter,
-            out,
-            threshold=threshold,
-            top_k=top_k,
-            projection=projection.value,
-            rank=rank,
-            device=device,
-            dry_run=dry_run,
-            force=force,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+        progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+        if adapter is not None:
+            from .jobs.safelora import safelora as run
+
+            result = run(base, aligned, adapter, out, progress=progress, **common)
+        else:
+            from .jobs.safelora_full import safelora_full
+
+            result = safelora_full(base, aligned, finetuned, out, targets=_targets(targets), as_adapter=as_adapter,
+                                   adapter_rank=adapter_rank, progress=progress, **common)
     if report_path is not None:
         write_text_atomic(report_path, result.to_json())
     ui.report(result, "Safe LoRA" + (" (dry run)" if dry_run else ""))
 
 
 EXIT_GATE_FAILED = 1
+
+
+class AuditFormat(str, Enum):
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+    github = "github"
+
+
+@app.command()
+@_user_errors
+def audit(
+    base: str = typer.Option(..., "--base", help="Base (unaligned) model."),
+    aligned: str = typer.Option(..., "--aligned", help="Aligned model directory, or a PEFT adapter that aligns BASE."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Fine-tuned PEFT LoRA adapter trained on ALIGNED."),
+    finetuned: Optional[str] = typer.Option(None, "--finetuned", help="Or: a full fine-tuned checkpoint of ALIGNED."),
+    min_similarity: float = typer.Option(0.35, "--min-similarity", help="A module drifted when its similarity is below this."),
+    max_drifted: str = typer.Option("10%", "--max-drifted", help="Fail when more modules drifted: a percentage or a count."),
+    aligned_adapter: Optional[str] = typer.Option(None, "--aligned-adapter", help="NLSR reference adapter (with --masks)."),
+    masks: Optional[str] = typer.Option(None, "--masks", help="Masks from `realign nlsr regions` for the region similarity."),
+    min_region_similarity: Optional[float] = typer.Option(None, "--min-region-similarity", help="Also drifted below this region similarity."),
+    targets: str = typer.Option("all-linear", "--targets", help="With --finetuned: comma-separated module names, or all-linear."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON report to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    output_format: AuditFormat = typer.Option(AuditFormat.table, "--format", help="table, json, markdown (PR comment) or github (annotations + step summary)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing; the exit code says it all."),
+) -> None:
+    """Weight-only safety-drift gate: exit 0 pass, 1 policy failed, 2 bad input."""
+    import os
+
+    from .io.output import check_target, write_text_atomic
+    from .jobs import audit as job
+
+    fmt = AuditFormat.json if as_json else output_format
+    if report_path is not None:
+        check_target(report_path, True, [Path(p) for p in (base, aligned, adapter or finetuned or "") if p], what="report")
+    policy = job.Policy(min_similarity, max_drifted, min_region_similarity)
+    result = job.audit(base, aligned, adapter, finetuned, policy=policy, targets=_targets(targets), aligned_adapter=aligned_adapter,
+                       masks=masks, device=device)
+    if report_path is not None:
+        write_text_atomic(report_path, result.to_json())
+    if not quiet:
+        if fmt is AuditFormat.json:
+            sys.stdout.write(result.to_json())
+        elif fmt is AuditFormat.markdown:
+            sys.stdout.write(job.to_markdown(result))
+        elif fmt is AuditFormat.github:
+            sys.stdout.write(job.to_github(result))
+            summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+            if summary_file:
+                job.write_step_summary(result, summary_file)
+            else:
+                sys.stdout.write(job.to_markdown(result))
+        else:
+            _show_audit_table(_Output(False, False), result)
+    if result.summary["verdict"] == job.FAIL:
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _show_audit_table(ui: "_Output", report: Report) -> None:
+    from .jobs.audit import headline
+
+    with_regions = any(r["region_similarity"] is not None for r in report.modules)
+    table = Table(title="Safety drift audit", title_justify="left")
+    for column in ("module", "similarity") + (("region similarity",) if with_regions else ()) + ("drifted",):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    plain = ["module\tsimilarity" + ("\tregion_similarity" if with_regions else "") + "\tdrifted"]
+    for r in report.modules:
+        cells = [r["name"], format_similarity(r["similarity"])] + ([format_similarity(r["region_similarity"])] if with_regions else [])
+        table.add_row(*cells, "[bold red]yes[/]" if r["drifted"] else "-")
+        plain.append("\t".join(cells + ["yes" if r["drifted"] else "no"]))
+    ui.show(report, table, plain, headline(report) + f"; {report.timings.get('total_s', 0):.1f}s")
 
 salora_app = typer.Typer(help="SaLoRA: a fixed safety module, task-specific init, training and export.", no_args_is_help=True)
 app.add_typer(salora_app, name="salora")
@@ -372,6 +460,9 @@ def _nlsr_summary(report: Report) -> str:
              f"mask density {s['mask_density']:.3f}"]
     if s.get("skipped"):
         parts.append(f"{s['skipped']} skipped")
+    if s.get("output_kind") == "adapter":
+        parts.append(f"rank-{s['adapter_rank']} adapter, reconstruction error mean {s['mean_reconstruction_error']:.4f} "
+                     f"max {s['max_reconstruction_error']:.4f}")
     parts.append(f"wrote {report.output}" if report.output else "dry run: nothing written")
     parts.append(f"{report.timings.get('total_s', 0):.1f}s")
     return "; ".join(parts)

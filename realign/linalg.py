@@ -47,9 +47,9 @@ def frobenius_norm(v: Matrix) -> float:
 
 
 def gram_apply(v: Matrix, b: torch.Tensor) -> torch.Tensor:
-    """V V^T B without forming V V^T."""
+    """V V^T B without forming V V^T (nor, for a low-rank V and a wide B, anything wider than B)."""
     if isinstance(v, LowRank):
-        return v.left @ (v.right @ (v.right.T @ (v.left.T @ b)))
+        return v.left @ ((v.right @ v.right.T) @ (v.left.T @ b))
     return v @ (b.T @ v).T  # B^T V walks V row-major; V^T B would stride across it
 
 

@@ -70,7 +70,8 @@ def read_init(init_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict
 def attach(model, init_dir: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, SaLoRALinear]:
     """Replace each targeted layer of `model` by a SaLoRALinear from INIT_DIR (A and B start at
     A0, B0, or at `factors` to resume); freeze everything else. Returns the new layers by path."""
-    from .jobs.salora import find_targets, weights_digest
+    from .jobs.salora import weights_digest
+    from .targets import find_targets
 
     settings, init_factors, residual, bases = read_init(init_dir)
     paths = settings["modules"]

@@ -9,6 +9,7 @@ in use and nothing else.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from functools import cached_property
@@ -169,6 +170,37 @@ class Checkpoint:
                         raise RealignError(f"{self.role} checkpoint: '{key}' is listed in the index but missing from {file}")
                     headers[key] = header[key]
         return headers
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self._format == "safetensors"
+
+    def files(self) -> list[str]:
+        """The weight files, relative to the directory."""
+        return sorted(set(self._weight_map.values()))
+
+    def file_of(self, key: str) -> str:
+        return self._weight_map[key]
+
+    def byte_range(self, key: str) -> tuple[int, int]:
+        """[start, end) of the tensor's raw bytes in its safetensors file, from the header, so a
+        tensor of the same dtype and shape can be written over it in a copy of the file."""
+        file = self._weight_map[key]
+        start, end = self._raw_header(file)[1][key]["data_offsets"]
+        data_start = self._raw_header(file)[0]
+        return data_start + start, data_start + end
+
+    @functools.lru_cache(maxsize=None)
+    def _raw_header(self, file: str) -> tuple[int, dict]:
+        """(offset of the data section, header JSON) of a safetensors file."""
+        path = self.directory / file
+        try:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+        except (OSError, ValueError) as exc:
+            raise RealignError(f"{self.role} checkpoint: '{path}' has no readable safetensors header ({exc})") from None
+        return 8 + length, header
 
     def validate(self) -> None:
         """Read every header now, so a truncated or inconsistent checkpoint fails before any work."""

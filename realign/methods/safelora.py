@@ -71,6 +71,29 @@ def exact_projection(basis: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (u @ (u.T @ b.double())).to(torch.float32)
 
 
+def dense_projection(v: torch.Tensor, dw: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """C dW = V V^T dW / ||V||_F for a batch (b, m, n) of dense float32 matrices, through the
+    cheaper association: (V V^T) dW when m <= n, V (V^T dW) otherwise; 2 min(m, n) m n each."""
+    m, n = v.shape[-2:]
+    projected = (v @ v.mT) @ dw if m <= n else v @ (v.mT @ dw)
+    return projected.div_(norms.to(projected.dtype)[:, None, None])
+
+
+def basis_projection(basis: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+    """U U^T dW for a batch of orthonormal bases (b, m, k), float32."""
+    u = basis.to(dw.device, torch.float32)
+    return u @ (u.mT @ dw)
+
+
+def dense_cosines(dw: torch.Tensor, projected: torch.Tensor) -> list[float | None]:
+    """cos(vec(dW), vec(C dW)) for each matrix of a batch: row sums in float32, the rest in
+    float64 (a float32 sum over millions of entries drifts by 1e-5 and more)."""
+    inner = (dw * projected).sum(-1).double().sum(-1)
+    norm_dw = dw.square().sum(-1).double().sum(-1)
+    norm_p = projected.square().sum(-1).double().sum(-1)
+    return [cosine_from_parts(float(i), float(a), float(b)) for i, a, b in zip(inner, norm_dw, norm_p)]
+
+
 def score_module(
     name: str,
     a: torch.Tensor,
@@ -109,6 +132,9 @@ __all__ = [
     "alignment_matrix",
     "approx_projection",
     "approx_projection_of_difference",
+    "basis_projection",
+    "dense_cosines",
+    "dense_projection",
     "exact_projection",
     "score_module",
     "select",

@@ -10,4 +10,18 @@ def safelora(*args, **kwargs):
     return _run(*args, **kwargs)
 
 
-__all__ = ["__version__", "safelora"]
+def safelora_full(*args, **kwargs):
+    """Safe LoRA on a full fine-tuned checkpoint; see realign.jobs.safelora_full.safelora_full."""
+    from .jobs.safelora_full import safelora_full as _run
+
+    return _run(*args, **kwargs)
+
+
+def audit(*args, **kwargs):
+    """The weight-only safety-drift gate; see realign.jobs.audit.audit (verdict in report.summary)."""
+    from .jobs.audit import audit as _run
+
+    return _run(*args, **kwargs)
+
+
+__all__ = ["__version__", "audit", "safelora", "safelora_full"]

@@ -210,3 +210,17 @@ def test_cli_finetuned(full_trio, tmp_path):
         result = run(*common, *args)
         assert result.exit_code == 2 and message in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bin_finetuned_is_scored_but_not_rewritten(tmp_path):
+    from builders import save_bin
+    from transformers import AutoModelForCausalLM
+
+    trio = build_trio(tmp_path, "llama", sharded=False)
+    finetuned = save_bin(AutoModelForCausalLM.from_pretrained(_merged(trio.aligned, trio.adapter, tmp_path / "ft")), tmp_path / "ft-bin", 2)
+    report = safelora_full(str(trio.base), str(trio.aligned), str(finetuned), dry_run=True, device="cpu")
+    assert report.summary["scored"] == report.summary["modules"]
+    with pytest.raises(RealignError, match="in .bin files"):
+        safelora_full(str(trio.base), str(trio.aligned), str(finetuned), tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+    safelora_full(str(trio.base), str(trio.aligned), str(finetuned), tmp_path / "lora", as_adapter=True, adapter_rank=2, device="cpu")

@@ -28,6 +28,7 @@ CONFIG = "config.json"
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _TORCH_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _TORCH_DTYPE_NAMES.items()}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 
@@ -89,6 +90,10 @@ class Checkpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._headers[key][0]
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The stored torch dtype of a floating-point tensor (None for other dtypes)."""
+        return _DTYPES_BY_NAME.get(self._headers[key][1])
 
     def is_floating(self, key: str) -> bool:
         """False for integer-packed (quantized) weights, which cannot be subtracted meaningfully."""
@@ -185,9 +190,8 @@ class Checkpoint:
     def byte_range(self, key: str) -> tuple[int, int]:
         """[start, end) of the tensor's raw bytes in its safetensors file, from the header, so a
         tensor of the same dtype and shape can be written over it in a copy of the file."""
-        file = self._weight_map[key]
-        start, end = self._raw_header(file)[1][key]["data_offsets"]
-        data_start = self._raw_header(file)[0]
+        data_start, header = self._raw_header(self._weight_map[key])
+        start, end = header[key]["data_offsets"]
         return data_start + start, data_start + end
 
     @functools.lru_cache(maxsize=None)

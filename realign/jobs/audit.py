@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RealignError
-from ..methods import nlsr as nlsr_method
 from ..report import Report, format_similarity
 from ..targets import ALL_LINEAR
 
@@ -48,20 +47,12 @@ class Policy:
 
 
 def _region_similarities(reference: str, masks: str, adapter: str) -> dict[str, float | None]:
-    from .nlsr import _check_masks, _load_pair, read_masks
+    from .nlsr import _check_masks, _load_pair, read_masks, region_similarities
 
     ref, fine_tuned, pairs = _load_pair(reference, "aligned adapter", adapter)
     mask_tensors, metadata = read_masks(masks)
     _check_masks(mask_tensors, metadata, ref, ref.tensors, {})
-    result = {}
-    for module in fine_tuned.modules:
-        own = pairs[module.name]
-        result[module.name] = nlsr_method.masked_similarity(
-            (fine_tuned.tensors[module.key_a], fine_tuned.tensors[module.key_b]),
-            (ref.tensors[own.key_a], ref.tensors[own.key_b]),
-            (mask_tensors[own.key_a], mask_tensors[own.key_b]),
-        )
-    return result
+    return region_similarities(fine_tuned, ref.tensors, mask_tensors, pairs)
 
 
 def audit(

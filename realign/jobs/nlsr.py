@@ -442,6 +442,19 @@ def _check_masks(masks: dict[str, torch.Tensor], metadata: dict[str, str], refer
     return settings
 
 
+def region_similarities(fine_tuned: Adapter, reference_tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                        pairs: dict[str, LoraModule]) -> dict[str, float | None]:
+    """Each fine-tuned module's masked-factor similarity to its reference module (None: undefined)."""
+    return {
+        module.name: method.masked_similarity(
+            (fine_tuned.tensors[module.key_a], fine_tuned.tensors[module.key_b]),
+            (reference_tensors[pairs[module.name].key_a], reference_tensors[pairs[module.name].key_b]),
+            (masks[pairs[module.name].key_a], masks[pairs[module.name].key_b]),
+        )
+        for module in fine_tuned.modules
+    }
+
+
 def patch_tensors(
     fine_tuned: Adapter,
     reference: Adapter,
@@ -451,14 +464,7 @@ def patch_tensors(
     selection: method.Selection,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Per-module similarity and selection, and the replaced factors of the patched modules."""
-    similarities: dict[str, float | None] = {}
-    for module in fine_tuned.modules:
-        own = pairs[module.name]
-        similarities[module.name] = method.masked_similarity(
-            (fine_tuned.tensors[module.key_a], fine_tuned.tensors[module.key_b]),
-            (reference_tensors[own.key_a], reference_tensors[own.key_b]),
-            (masks[own.key_a], masks[own.key_b]),
-        )
+    similarities = region_similarities(fine_tuned, reference_tensors, masks, pairs)
     scored = [m for m in fine_tuned.modules if similarities[m.name] is not None]
     if not scored:
         raise RealignError("no module has a defined similarity: the masked factors are zero in every module")

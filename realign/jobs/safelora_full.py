@@ -245,9 +245,6 @@ def _write_checkpoint(source: FullSource, projector: Projector, selected: list[F
                       progress: Progress | None) -> dict:
     """The fine-tuned directory with W_aligned + C dW written over each selected weight."""
     ft = source.finetuned
-    if not ft.is_safetensors:
-        raise RealignError("the fine-tuned checkpoint is in .bin files; a patched checkpoint is written only from safetensors "
-                           "(convert it, or use --as-adapter)")
     for path in ft.directory.iterdir():
         if path.is_file() and path.name not in _NOT_COPIED:
             shutil.copyfile(path, staging / path.name)
@@ -256,9 +253,9 @@ def _write_checkpoint(source: FullSource, projector: Projector, selected: list[F
         projected, _, _ = projector.project(batch)
         for module, delta in zip(batch, projected):
             patched = source.aligned_weight(module, projector.device).add_(delta)
-            stored = ft.read(module.key_ft)
-            tensor = (patched.T if module.transposed else patched).to("cpu", stored.dtype).contiguous()
-            ensure_finite(tensor, f"patched weight '{module.key_ft}' in {stored.dtype}")
+            dtype = ft.dtype(module.key_ft)
+            tensor = (patched.T if module.transposed else patched).to("cpu", dtype).contiguous()
+            ensure_finite(tensor, f"patched weight '{module.key_ft}' in {dtype}")
             start, end = ft.byte_range(module.key_ft)
             raw = tensor.view(torch.uint8).numpy()
             if raw.nbytes != end - start:  # pragma: no cover - same dtype and shape by construction
@@ -358,6 +355,9 @@ def safelora_full(
     _validate_settings(settings, len(source.modules))
     if not dry_run:
         check_target(Path(out), force, source.directories)
+        if not as_adapter and not source.finetuned.is_safetensors:
+            raise RealignError("the fine-tuned checkpoint is in .bin files; a patched checkpoint is written only from safetensors "
+                               "(convert it, or use --as-adapter)")
     planned = time.perf_counter()
 
     scores = score(source, settings, dev, progress)

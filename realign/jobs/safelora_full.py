@@ -198,7 +198,9 @@ class Projector:
         else:
             stacked = torch.stack([alignments[i] for i in live])
             del alignments
-            result = method.dense_projection(stacked, dw[live], torch.tensor([norms[i] for i in live]))
+            # indexing copies; most batches have V != 0 everywhere and need no copy of dW
+            sub = dw if len(live) == len(batch) else dw[live]
+            result = method.dense_projection(stacked, sub, torch.tensor([norms[i] for i in live]))
             for j, i in enumerate(live):
                 projected[i] = result[j]
         return projected, dw, norms
@@ -225,9 +227,8 @@ def score(source: FullSource, settings: method.Settings, device: torch.device, p
     scores: dict[str, method.ModuleScore] = {}
     for batch in _batches(source.modules, _dense_bytes):
         projected, dw, norms = projector.project(batch)
-        live = [i for i, p in enumerate(projected) if p is not None]
-        cosines = method.dense_cosines(dw[live], torch.stack([projected[i] for i in live])) if live else []
-        by_index = dict(zip(live, cosines))
+        # one module at a time on views: stacking or indexing would copy whole matrices
+        by_index = {i: method.dense_cosines(dw[i : i + 1], p.unsqueeze(0))[0] for i, p in enumerate(projected) if p is not None}
         for i, module in enumerate(batch):
             if projected[i] is None:
                 scores[module.name] = method.ModuleScore(module.name, None, None, norms[i], "no alignment change on this module (V = 0)")

@@ -88,7 +88,8 @@ def phase_as_adapter(workdir: Path) -> dict:
     def run():
         report = safelora_full(str(workdir / "base"), str(workdir / "aligned"), str(workdir / "finetuned"), workdir / "out-lora",
                                force=True, as_adapter=True, adapter_rank=16, device="cpu")
-        return {"max_error": report.summary["max_reconstruction_error"], "timings": report.timings}
+        return {"max_error": report.summary["max_reconstruction_error"], "timings": report.timings,
+                "errors": {m["name"]: m["reconstruction_error"] for m in report.modules}}
 
     return _measure(run)
 
@@ -122,7 +123,37 @@ def phase_reference(workdir: Path) -> dict:
     return _measure(run)
 
 
-PHASES = {"audit": phase_audit, "full": phase_full, "as-adapter": phase_as_adapter, "reference": phase_reference}
+ACCURACY_MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj"]
+
+
+def phase_float64(workdir: Path) -> dict:
+    """The yardstick: similarity in float64 on a few modules, and the best possible rank-16
+    error (Eckart-Young) of the extracted adapter's deltas."""
+    import torch
+    from safetensors import safe_open
+
+    index = json.loads((workdir / "aligned" / "model.safetensors.index.json").read_text())["weight_map"]
+    lora = json.loads((workdir / "out-lora" / "realign_report.json").read_text())
+    selected = {m["name"] for m in lora["modules"] if m["projected"]}
+
+    def get(model: str, key: str):
+        with safe_open(workdir / model / index[key], framework="pt") as handle:
+            return handle.get_tensor(key).double()
+
+    sims, optimal = {}, {}
+    for name in ACCURACY_MODULES:
+        key = name + ".weight"
+        w_base, w_aligned, w_ft = (get(m, key) for m in ("base", "aligned", "finetuned"))
+        v, dw = w_aligned - w_base, w_ft - w_aligned
+        cdw = v @ (v.T @ dw) / torch.linalg.norm(v)
+        sims[name] = float((dw * cdw).sum() / (torch.linalg.norm(dw) * torch.linalg.norm(cdw)))
+        delta = cdw if name in selected else dw
+        sigma = torch.linalg.svdvals(delta)
+        optimal[name] = float(sigma[16:].norm() / sigma.norm())
+    return {"similarities": sims, "optimal_rank16_error": optimal}
+
+
+PHASES = {"audit": phase_audit, "full": phase_full, "as-adapter": phase_as_adapter, "reference": phase_reference, "float64": phase_float64}
 
 
 def run_phase(name: str, workdir: Path) -> dict:
@@ -158,8 +189,15 @@ def main() -> None:
         worst = max(abs(ours[k] - ref[k]) for k in ref)
         print(f"max |similarity difference| realign vs reference: {worst:.2e}; memory ratio "
               f"{(results['reference']['peak_mib'] - results['reference']['baseline_mib']) / (results['full']['peak_mib'] - results['full']['baseline_mib']):.1f}x")
+    exact = results["float64"]
+    for name, value in exact["similarities"].items():
+        line = f"{name}: float64 {value:.9f}, realign error {abs(results['full']['similarities'][name] - value):.1e}"
+        if "reference" in results:
+            line += f", reference float32 error {abs(results['reference']['similarities'][name] - value):.1e}"
+        print(line + f"; rank-16 adapter error {results['as-adapter']['errors'][name]:.5f} (optimal {exact['optimal_rank16_error'][name]:.5f})")
     for r in results.values():
         r.pop("similarities", None)
+        r.pop("errors", None)
     print(json.dumps({"layers": args.layers, **results}))
 
 

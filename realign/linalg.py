@@ -54,17 +54,23 @@ def gram_apply(v: Matrix, b: torch.Tensor) -> torch.Tensor:
 
 
 def difference_gram_apply(
-    w_aligned: torch.Tensor, w_base: torch.Tensor, b: torch.Tensor, block_bytes: int = 1 << 22
+    w_aligned: torch.Tensor, w_base: torch.Tensor, b: torch.Tensor, block_bytes: int = 1 << 22, whole_bytes: int = 1 << 28
 ) -> tuple[torch.Tensor, float]:
-    """(V V^T B, ||V||_F^2) for V = w_aligned - w_base, without materialising V.
+    """(V V^T B, ||V||_F^2) for V = w_aligned - w_base.
 
-    Two passes over row blocks: the first accumulates V^T B and the norm, the second applies V
-    again. Each block is upcast to float32 before subtracting, in small reused buffers, so the
-    cost is two streaming reads of the stored weights (often bf16) and no allocation of V.
+    A V of at most `whole_bytes` in float32 (every module of a 7B model) is formed once, upcast
+    before subtracting. A larger one is never materialised: two passes over row blocks, the
+    first accumulating V^T B and the norm, the second applying V again, each block upcast to
+    float32 in small reused buffers.
     """
     d_out, d_in = w_aligned.shape
-    rows = max(1, block_bytes // (4 * d_in))
     b32 = b.to(torch.float32)
+    if 4 * d_out * d_in <= whole_bytes:
+        # one float32 V read once serves both products: half the conversions of two passes
+        v = w_aligned.to(device=b.device, dtype=torch.float32, copy=True)
+        v.sub_(w_base)
+        return v @ (b32.T @ v).T, sum_of_squares(v)
+    rows = max(1, block_bytes // (4 * d_in))
     buf_a = torch.empty(min(rows, d_out), d_in, dtype=torch.float32, device=b.device)
     buf_b = torch.empty_like(buf_a)
 
@@ -127,6 +133,29 @@ def top_left_singular_vectors(v: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     # one QR pass restores the orthonormality that the division by sigma loses to rounding
     q, r = torch.linalg.qr(left)
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2), sigma
+
+
+def randomized_top_left_singular_vectors(
+    a: torch.Tensor, k: int, oversample: int | None = None, iterations: int = 4, seed: int = 0
+) -> torch.Tensor:
+    """Top-k left singular vectors of each matrix of a batch (b, m, n) by randomized subspace
+    iteration (Halko, Martinsson and Tropp 2011, alg. 4.4): a seeded Gaussian sketch of k + p
+    columns, `iterations` power steps re-orthonormalised by QR, then an exact SVD of the small
+    (k + p) x n projection. O(m n (k + p) iterations) instead of min(m, n)^3; the result is a
+    true orthonormal basis, so ||A - U U^T A|| can be measured exactly afterwards. Falls back to
+    the exact decomposition when the sketch would not be smaller than the matrix."""
+    m, n = a.shape[-2:]
+    width = k + (oversample if oversample is not None else max(k, 10))
+    if width >= min(m, n):
+        return top_left_singular_vectors(a, k)[0]
+    gen = torch.Generator(device=a.device).manual_seed(seed)
+    omega = torch.randn(a.shape[0], n, width, generator=gen, device=a.device, dtype=a.dtype)
+    q = torch.linalg.qr(a @ omega).Q
+    for _ in range(iterations):
+        q = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ q).Q).Q
+    small = (q.mT @ a).double()
+    u_small = torch.linalg.svd(small, full_matrices=False).U[..., :k]
+    return q @ u_small.to(a.dtype)
 
 
 def lowrank_top_left_singular_vectors(v: LowRank, k: int) -> tuple[torch.Tensor, torch.Tensor]:

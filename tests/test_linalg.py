@@ -124,9 +124,27 @@ def test_streamed_difference_projection_matches_dense(d_out, d_in, r, dtype, tra
     v = w_aligned.double() - w_base.double()
     from realign.linalg import difference_gram_apply
 
-    got, norm_sq = difference_gram_apply(w_aligned, w_base, b, block_bytes=4 * d_in * 7)  # several blocks
-    assert rel(got, v @ (v.T @ b.double())) < 1e-5
-    assert norm_sq == pytest.approx(float((v * v).sum()), rel=1e-6)
+    for kwargs in ({"block_bytes": 4 * d_in * 7, "whole_bytes": 0}, {}):  # streamed in several blocks; formed whole
+        got, norm_sq = difference_gram_apply(w_aligned, w_base, b, **kwargs)
+        assert rel(got, v @ (v.T @ b.double())) < 1e-5
+        assert norm_sq == pytest.approx(float((v * v).sum()), rel=1e-6)
     projected, norm = method.approx_projection_of_difference(w_aligned, w_base, b)
     assert rel(projected, v @ (v.T @ b.double()) / torch.linalg.norm(v)) < 1e-5
     assert method.approx_projection_of_difference(w_base, w_base, b) == (None, 0.0)
+
+
+def test_randomized_basis_is_near_optimal():
+    from realign.linalg import randomized_top_left_singular_vectors
+
+    gen = torch.Generator().manual_seed(3)
+    for decay in (0.7, 0.98):  # a clear spectrum, and an almost flat one
+        u = torch.linalg.qr(torch.randn(3, 120, 90, generator=gen, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(3, 160, 90, generator=gen, dtype=torch.float64)).Q
+        a = (u * decay ** torch.arange(90, dtype=torch.float64)) @ v.mT
+        basis = randomized_top_left_singular_vectors(a.float(), 8).double()
+        assert torch.allclose(basis.mT @ basis, torch.eye(8, dtype=torch.float64).expand(3, 8, 8), atol=1e-5)
+        error = torch.linalg.matrix_norm(a - basis @ (basis.mT @ a))
+        optimal = torch.linalg.svdvals(a)[:, 8:].norm(dim=-1)
+        assert torch.all(error <= optimal * 1.01 + 1e-6), (decay, error, optimal)
+        # deterministic for the seed
+        assert torch.equal(basis.float(), randomized_top_left_singular_vectors(a.float(), 8))

@@ -181,6 +181,8 @@ def main() -> None:
     module_mib = max(d_out * d_in for _, d_out, d_in in MODULES) * 4 / 2**20
     print(f"{'phase':<12}{'seconds':>10}{'peak RSS MiB':>14}{'above import MiB':>18}")
     for name, r in results.items():
+        if name == "float64":
+            continue
         print(f"{name:<12}{r['seconds']:>10.1f}{r['peak_mib']:>14.0f}{r['peak_mib'] - r['baseline_mib']:>18.0f}")
     print(f"largest module in float32: {module_mib:.0f} MiB; audit per layer {results['audit']['seconds'] / args.layers:.2f}s "
           f"(x32 layers: {32 * results['audit']['seconds'] / args.layers:.0f}s)")

@@ -54,23 +54,19 @@ def gram_apply(v: Matrix, b: torch.Tensor) -> torch.Tensor:
 
 
 def difference_gram_apply(
-    w_aligned: torch.Tensor, w_base: torch.Tensor, b: torch.Tensor, block_bytes: int = 1 << 22, whole_bytes: int = 1 << 28
+    w_aligned: torch.Tensor, w_base: torch.Tensor, b: torch.Tensor, block_bytes: int = 1 << 22
 ) -> tuple[torch.Tensor, float]:
-    """(V V^T B, ||V||_F^2) for V = w_aligned - w_base.
+    """(V V^T B, ||V||_F^2) for V = w_aligned - w_base, without materialising V.
 
-    A V of at most `whole_bytes` in float32 (every module of a 7B model) is formed once, upcast
-    before subtracting. A larger one is never materialised: two passes over row blocks, the
-    first accumulating V^T B and the norm, the second applying V again, each block upcast to
-    float32 in small reused buffers.
+    Two passes over row blocks: the first accumulates V^T B and the norm, the second applies V
+    again. Each block is upcast to float32 before subtracting, in small reused buffers, so the
+    cost is two streaming reads of the stored weights (often bf16) and no allocation of V.
+    (Forming V once per module instead was measured 2x slower and 2.5x larger on 7B shapes:
+    docs/benchmarks.md.)
     """
     d_out, d_in = w_aligned.shape
-    b32 = b.to(torch.float32)
-    if 4 * d_out * d_in <= whole_bytes:
-        # one float32 V read once serves both products: half the conversions of two passes
-        v = w_aligned.to(device=b.device, dtype=torch.float32, copy=True)
-        v.sub_(w_base)
-        return v @ (b32.T @ v).T, sum_of_squares(v)
     rows = max(1, block_bytes // (4 * d_in))
+    b32 = b.to(torch.float32)
     buf_a = torch.empty(min(rows, d_out), d_in, dtype=torch.float32, device=b.device)
     buf_b = torch.empty_like(buf_a)
 

@@ -302,6 +302,21 @@ def _timings(started: float, planned: float, computed: float) -> dict[str, float
     }
 
 
+def score_summary(scores: list[method.ModuleScore], selected: set[str], passthrough: int) -> dict:
+    """Counts and min / mean / max similarity; there is at least one defined similarity."""
+    scored = [s.similarity for s in scores if s.similarity is not None]
+    return {
+        "modules": len(scores),
+        "scored": len(scored),
+        "projected": len(selected),
+        "skipped": len(scores) - len(scored),
+        "passthrough_tensors": passthrough,
+        "min_similarity": min(scored),
+        "mean_similarity": sum(scored) / len(scored),
+        "max_similarity": max(scored),
+    }
+
+
 def _report(base, aligned, adapter, aligned_kind, settings, dev, fine_tuned, scores, selected) -> Report:
     modules = []
     for module, score in zip(fine_tuned.modules, scores):
@@ -317,17 +332,7 @@ def _report(base, aligned, adapter, aligned_kind, settings, dev, fine_tuned, sco
                 "skipped": score.skip_reason,
             }
         )
-    scored = [s.similarity for s in scores if s.similarity is not None]
-    summary = {
-        "modules": len(modules),
-        "scored": len(scored),
-        "projected": len(selected),
-        "skipped": len(modules) - len(scored),
-        "passthrough_tensors": len(fine_tuned.passthrough),
-        "min_similarity": min(scored),
-        "mean_similarity": sum(scored) / len(scored),
-        "max_similarity": max(scored),
-    }
+    summary = score_summary(scores, selected, len(fine_tuned.passthrough))
     notes = []
     if settings.projection == method.APPROX:
         notes.append("C = V V^T / ||V||_F as in the paper and reference code; it is not an idempotent projector")

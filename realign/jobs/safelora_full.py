@@ -40,7 +40,7 @@ from ..linalg import (
 from ..methods import safelora as method
 from ..report import Report
 from ..targets import ALL_LINEAR, find_targets
-from .safelora import _validate_settings
+from .safelora import _timings, _validate_settings, score_summary
 
 REPORT_FILE = "realign_report.json"
 # Upper bound on the float32 matrices of one batch (about four per module: V, dW, C dW and a
@@ -402,20 +402,11 @@ def safelora_full(
     return report
 
 
-def _timings(started: float, planned: float, computed: float) -> dict[str, float]:
-    now = time.perf_counter()
-    return {"plan_s": round(planned - started, 4), "compute_s": round(computed - planned, 4),
-            "write_s": round(now - computed, 4), "total_s": round(now - started, 4)}
-
-
 def full_report(base, aligned, finetuned, source: FullSource, settings: method.Settings, dev, scores, selected) -> Report:
     modules = [{"name": m.name, "shape": list(m.shape), "rank": None, "scaling": None, "similarity": s.similarity,
                 "projected": m.name in selected, "alignment_norm": s.alignment_norm, "skipped": s.skip_reason}
                for m, s in zip(source.modules, scores)]
-    values = [s.similarity for s in scores if s.similarity is not None]
-    summary = {"modules": len(modules), "scored": len(values), "projected": len(selected), "skipped": len(modules) - len(values),
-               "passthrough_tensors": 0, "min_similarity": min(values), "mean_similarity": sum(values) / len(values),
-               "max_similarity": max(values)}
+    summary = score_summary(scores, selected, 0)
     notes = ["dW = W_finetuned - W_aligned in float32; C dW computed densely per module"]
     if settings.projection == method.APPROX:
         notes.append("C = V V^T / ||V||_F as in the paper and reference code; it is not an idempotent projector")

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from safelora import MODULES, build, peak_rss_mib, rss_mib  # noqa: E402
+from safelora import MODULES, build, peak_rss_mib, rss_mib, run_phase  # noqa: E402
 
 
 def build_finetuned(workdir: Path, layers: int) -> None:
@@ -156,13 +155,6 @@ def phase_float64(workdir: Path) -> dict:
 PHASES = {"audit": phase_audit, "full": phase_full, "as-adapter": phase_as_adapter, "reference": phase_reference, "float64": phase_float64}
 
 
-def run_phase(name: str, workdir: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--phase", name, "--workdir", str(workdir)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"phase {name} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
@@ -177,7 +169,7 @@ def main() -> None:
     build(args.workdir, args.layers)
     build_finetuned(args.workdir, args.layers)
     print(f"data: {args.layers} layers x {len(MODULES)} modules, bf16, in {args.workdir} ({time.perf_counter() - t:.1f}s to build or check)")
-    results = {name: run_phase(name, args.workdir) for name in PHASES if not (name == "reference" and args.skip_reference)}
+    results = {name: run_phase(name, args.workdir, __file__) for name in PHASES if not (name == "reference" and args.skip_reference)}
     module_mib = max(d_out * d_in for _, d_out, d_in in MODULES) * 4 / 2**20
     print(f"{'phase':<12}{'seconds':>10}{'peak RSS MiB':>14}{'above import MiB':>18}")
     for name, r in results.items():

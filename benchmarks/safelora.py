@@ -194,9 +194,10 @@ def phase_float64(workdir: Path) -> dict:
 PHASES = {"floor": phase_floor, "realign": phase_realign, "dense": phase_dense, "float64": phase_float64}
 
 
-def run_phase(name: str, workdir: Path) -> dict:
+def run_phase(name: str, workdir: Path, script: str = __file__) -> dict:
+    """One phase of `script` in its own process (its own peak RSS); its last stdout line is JSON."""
     proc = subprocess.run(
-        [sys.executable, __file__, "--phase", name, "--workdir", str(workdir)],
+        [sys.executable, script, "--phase", name, "--workdir", str(workdir)],
         capture_output=True, text=True, check=False,
     )
     if proc.returncode != 0:

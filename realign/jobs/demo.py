@@ -16,8 +16,8 @@ from typing import Callable
 
 from .. import testbed
 from ..errors import RealignError
-from ..io.identity import digest, tree_id
 from ..evaluate import rate
+from ..io.identity import digest, tree_id
 from ..io.output import write_text_atomic
 from ..train import BATCHING
 from .eval import evaluate
@@ -80,15 +80,14 @@ class _EvalCache:
         """The report, with the path of its responses file under 'responses'."""
         portable = {k: self._rel(v) for k, v in kwargs.items()}
         key = digest(tree_id(model), tree_id(adapter), portable)
-        path = self.root / f"{key}.report.json"
-        if path.exists():
-            return {**json.loads(path.read_text()), "responses": str(self.root / f"{key}.responses.jsonl")}
-        self.log(f"eval {label}: {', '.join(kwargs.get('harmful', ())) or ''} {kwargs.get('task') or ''} ...")
-        # the prompts and responses behind each number stay next to it
-        report = evaluate(model, adapter, device="cpu", responses=self.root / f"{key}.responses.jsonl", **kwargs).to_dict()
-        write_text_atomic(path, json.dumps(report))
-        self.log(f"eval {label}: {report['timings']['total_s']:.0f}s")
-        return {**report, "responses": str(self.root / f"{key}.responses.jsonl")}
+        path, responses = self.root / f"{key}.report.json", self.root / f"{key}.responses.jsonl"
+        if not path.exists():
+            self.log(f"eval {label}: {', '.join(kwargs.get('harmful', ())) or ''} {kwargs.get('task') or ''} ...")
+            # the prompts and responses behind each number stay next to it
+            report = evaluate(model, adapter, device="cpu", responses=responses, **kwargs).to_dict()
+            write_text_atomic(path, json.dumps(report))
+            self.log(f"eval {label}: {report['timings']['total_s']:.0f}s")
+        return {**json.loads(path.read_text()), "responses": str(responses)}
 
 
 def _metrics(refusal: dict, task: dict) -> dict:

@@ -646,9 +646,10 @@ def testbed_build(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where stages are cached [default: ~/.cache/realign/testbed]."),
     seed: int = typer.Option(0, "--seed"),
     poison: float = typer.Option(0.1, "--poison", help="Fraction of harmful examples in the attack's training data."),
-    aligned_steps: int = typer.Option(80, "--aligned-steps"),
-    attack_steps: int = typer.Option(160, "--attack-steps"),
+    aligned_steps: int = typer.Option(50, "--aligned-steps"),
+    attack_steps: int = typer.Option(60, "--attack-steps"),
     attack_lr: float = typer.Option(1.5e-3, "--attack-lr"),
+    task: str = typer.Option("mirror", "--task", help="The benign skill: 'mirror' (learned in ~20 steps) or 'syllable' (needs --attack-steps 160)."),
     task_train: int = typer.Option(600, "--task-train"),
     task_test: int = typer.Option(100, "--task-test"),
     benign_prompts: int = typer.Option(120, "--benign-prompts", help="Benign prompts answered by base for the aligned stage."),
@@ -664,7 +665,7 @@ def testbed_build(
 
     config = TestbedConfig(
         base=base, seed=seed, poison=poison, aligned_steps=aligned_steps, attack_steps=attack_steps, attack_lr=attack_lr,
-        task_train=task_train, task_test=task_test, benign_prompts=benign_prompts, harmful_answer_prompts=harmful_answer_prompts,
+        task=task, task_train=task_train, task_test=task_test, benign_prompts=benign_prompts, harmful_answer_prompts=harmful_answer_prompts,
         nlsr_attack=nlsr_attack,
     )
     err = Console(stderr=True, highlight=False, soft_wrap=True)

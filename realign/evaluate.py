@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import string
@@ -150,6 +151,33 @@ def _pad_left(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+# below this many shared prompt tokens a cached prefix saves less than its copies cost
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each after it."""
+    if len(sequences) < 2:
+        return 0
+    first, shortest = sequences[0], min(len(s) for s in sequences)
+    n = 0
+    while n < shortest - 1 and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
+
+
+def _prefix_cache(model, prefix: Sequence[int]):
+    """The key/value cache of `prefix` (batch 1), or None when the model's cache cannot be
+    copied per batch (then every prompt is run whole)."""
+    from transformers import DynamicCache
+
+    if len(prefix) < MIN_SHARED_PREFIX:
+        return None
+    device = next(model.parameters()).device
+    cache = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True).past_key_values
+    return cache if isinstance(cache, DynamicCache) else None
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -160,25 +188,43 @@ def generate(
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[str], bool]:
     """Greedy responses, batched with left padding; prompts are sorted by length so a batch
-    pads little, and answers come back in the input order."""
+    pads little, and answers come back in the input order.
+
+    The tokens every prompt starts with (a chat template's system prompt: half of a short
+    prompt) are run once and their cache shared by every batch; the prompt's own tokens follow
+    after the padding, with positions counted from the attention mask as if unpadded."""
     texts, templated = format_prompts(tokenizer, prompts)
     _pad_left(tokenizer)
     # chat templates already carry the special tokens they want
-    add_special = not templated
-    lengths = [len(tokenizer(t, add_special_tokens=add_special)["input_ids"]) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    encoded = [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in texts]
+    prefix_len = shared_prefix_length(encoded)
+    prefix = encoded[0][:prefix_len] if encoded else []
+    cache = _prefix_cache(model, prefix) if prefix else None
+    if cache is None:
+        prefix = []
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     responses: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special).to(device)
+        rows = [encoded[i][len(prefix) :] for i in idx]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([prefix + [tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        extra = {}
+        if cache is not None:
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(len(idx))
+            extra["past_key_values"] = batch_cache
         output = model.generate(
-            **batch,
+            input_ids=input_ids,
+            attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            **extra,
         )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        new_tokens = output[:, input_ids.shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             responses[i] = text.strip()
         if on_batch:

@@ -35,6 +35,7 @@ class Calibration:
         for start in range(0, len(order), batch_size):
             batch = collate([self.encoded[i] for i in order[start : start + batch_size]], self.pad_id)
             batch["response"] = batch.pop("labels") != IGNORE
+            del batch["prefix_len"]
             yield batch
 
 

@@ -10,14 +10,14 @@ import torch
 
 from .data import Example
 from .errors import RealignError
-from .evaluate import prompt_text
+from .evaluate import MIN_SHARED_PREFIX, prompt_text, shared_prefix_length
 
 IGNORE = -100
 # names the batch order `sft` draws for a seed; caches and resumable runs keyed by it are not
 # reused across a change of batching
 BATCHING = "length-grouped/16"
 
-__all__ = ["BATCHING", "IGNORE", "Example", "collate", "encode", "encode_parts", "length_grouped_batches", "response_loss", "sft"]
+__all__ = ["BATCHING", "IGNORE", "Example", "collate", "encode", "encode_parts", "length_grouped_batches", "response_loss", "sft", "trainable_prefix_length"]
 
 
 def encode_parts(tokenizer, example: Example) -> tuple[list[int], list[int]]:
@@ -42,32 +42,71 @@ def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], lis
     return ids, labels
 
 
-def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int, prefix_len: int = 0) -> dict[str, torch.Tensor]:
     """Left-padded, so every response ends at the last position and the loss needs logits for
-    the last few positions only (the vocabulary projection is a large share of a small model)."""
+    the last few positions only (the vocabulary projection is a large share of a small model).
+
+    With `prefix_len`, the first tokens (the same in every row) stay in front and the padding
+    goes between them and the rest: [prefix][pad][tokens]; `response_loss` then runs the prefix
+    once for the whole batch. Positions follow the attention mask, so each row is seen as if
+    unpadded either way."""
     width = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, (ids, labs) in enumerate(batch):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        pad = width - len(ids)
+        if prefix_len:
+            input_ids[row, :prefix_len] = torch.tensor(ids[:prefix_len])
+            mask[row, :prefix_len] = 1
+        input_ids[row, pad + prefix_len :] = torch.tensor(ids[prefix_len:])
+        mask[row, pad + prefix_len :] = 1
         labels[row, width - len(labs) :] = torch.tensor(labs)
-        mask[row, width - len(ids) :] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "prefix_len": prefix_len}
+
+
+def trainable_prefix_length(encoded: Sequence[tuple[list[int], list[int]]]) -> int:
+    """The prompt tokens every example starts with (a chat template's system prompt), stopping
+    short of the token before each response: that token's logits predict the first label, and the
+    shared part yields no logits. 0 when too short to pay."""
+    shared = shared_prefix_length([ids for ids, _ in encoded])
+    first_label = min(next((i for i, label in enumerate(labels) if label != IGNORE), len(labels)) for _, labels in encoded)
+    n = min(shared, first_label - 1)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _prefix_cache(model, batch: dict[str, torch.Tensor]):
+    """The shared prefix run once (batch 1, gradients kept) and its cache repeated for every row;
+    None when there is no prefix or the model's cache is not one that can be repeated."""
+    from transformers import DynamicCache
+
+    prefix_len = int(batch.get("prefix_len", 0))
+    if not prefix_len:
+        return None
+    cache = model(input_ids=batch["input_ids"][:1, :prefix_len], use_cache=True, logits_to_keep=1).past_key_values
+    if not isinstance(cache, DynamicCache):
+        return None
+    cache.batch_repeat_interleave(batch["input_ids"].shape[0])
+    return cache
 
 
 def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over labelled tokens, computing logits only where labels live."""
-    labels = batch["labels"]
+    labels, mask = batch["labels"], batch["attention_mask"]
     labelled = (labels != IGNORE).any(dim=0).nonzero()
     keep = labels.shape[1] - int(labelled[0]) + 1 if len(labelled) else 1
-    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions, logits_to_keep=keep
-    ).logits
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": positions, "use_cache": False}
+    cache = _prefix_cache(model, batch)
+    if cache is not None:
+        skip = int(batch["prefix_len"])
+        inputs = {"input_ids": batch["input_ids"][:, skip:], "position_ids": positions[:, skip:], "past_key_values": cache}
+        keep = min(keep, labels.shape[1] - skip)
+    logits = model(**inputs, attention_mask=mask, logits_to_keep=keep).logits
     targets = labels[:, -keep + 1 :] if keep > 1 else labels[:, :0]
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE
+        logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
+        targets.reshape(-1), ignore_index=IGNORE,
     )
 
 
@@ -125,6 +164,7 @@ def sft(
     rng = random.Random(seed)
     torch.manual_seed(seed)
     lengths = [len(ids) for ids, _ in encoded]
+    prefix_len = trainable_prefix_length(encoded)
     pending: list[list[int]] = []
     losses = []
     model.train()
@@ -134,8 +174,8 @@ def sft(
         chosen = pending.pop()
         if step < start_step:
             continue
-        batch = collate([encoded[i] for i in chosen], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = collate([encoded[i] for i in chosen], pad_id, prefix_len)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss = response_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

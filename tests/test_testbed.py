@@ -8,7 +8,7 @@ import torch
 from builders import tiny_chat_model
 from test_eval import have, needs_garak, needs_pyrit
 
-from realign.testbed import SYLLABLES, TestbedConfig, build, encode_number, task_examples
+from realign.testbed import SYLLABLES, TASKS, TestbedConfig, build, encode_number, task_examples
 
 TINY = dict(seed=0, answer_tokens=8, benign_prompts=4, harmful_answer_prompts=12, aligned_steps=2, attack_steps=2,
             task_train=20, task_test=5, poison=0.05, batch_size=4, aligned_rank=2, attack_rank=2)
@@ -18,7 +18,25 @@ def test_task_is_deterministic_and_disjoint():
     train, test = task_examples(0, 50, 10)
     assert (train, test) == task_examples(0, 50, 10)
     assert not {e.prompt for e in train} & {e.prompt for e in test}
-    assert encode_number(407) == f"{SYLLABLES[4]} {SYLLABLES[0]} {SYLLABLES[7]}"
+    assert encode_number(407, "syllable") == f"{SYLLABLES[4]} {SYLLABLES[0]} {SYLLABLES[7]}"
+    assert encode_number(407) == "7 0 4"  # mirror, the default
+    assert [e.response for e in test] == [encode_number(int(e.prompt.split()[1])) for e in test]
+    for task in TASKS:
+        numbers = [int(e.prompt.split()[1]) for e in task_examples(0, 300, 10, task)[0]]
+        assert len({encode_number(n, task) for n in numbers}) == len(numbers)  # the code is one-to-one
+
+
+def test_cli_testbed_defaults_are_the_library_defaults():
+    import dataclasses
+
+    import typer
+
+    from realign.cli import testbed_build
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TestbedConfig) if f.default is not dataclasses.MISSING}
+    for name, param in __import__("inspect").signature(testbed_build).parameters.items():
+        if name in defaults and isinstance(param.default, typer.models.OptionInfo) and name != "base":
+            assert param.default.default == defaults[name], name
 
 
 @needs_pyrit

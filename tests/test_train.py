@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from realign.train import length_grouped_batches
 
 
@@ -20,3 +22,87 @@ def test_length_grouped_batches_cover_each_example_once_and_pad_less():
     plain = [order[i : i + 8] for i in range(0, 601, 8)]
     cost = lambda bs: sum(max(lengths[i] for i in b) * len(b) for b in bs)  # noqa: E731
     assert cost(batches) < 0.8 * cost(plain)
+
+
+# -- the shared prompt prefix: run once per batch, same result as running every row whole -------
+
+SYSTEM_TEMPLATE = "<|im_start|>system\nYou are a helpful assistant who tells jokes and explains gravity<|im_end|>\n"
+
+
+def _system_prompt_model(dtype, architecture="llama"):
+    import torch
+    from builders import CHAT_TEMPLATE, tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = SYSTEM_TEMPLATE + CHAT_TEMPLATE  # a default system prompt, as SmolLM2's template has
+    torch.manual_seed(0)
+    if architecture == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                                             initializer_range=0.3))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tokenizer), n_positions=512,
+                                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                           attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, initializer_range=0.3))
+    return model.to(dtype), tokenizer
+
+
+def test_shared_prefix_length():
+    from realign.evaluate import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # one token is always left to run
+    assert shared_prefix_length([[1, 2, 3]]) == 0
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
+
+
+# Llama's RMSNorm computes in float32 even in a float64 model, so summing the rows' gradients
+# before the prefix (shared) or after it (whole rows) differs at float32 rounding there
+@pytest.mark.parametrize("architecture, rtol", [("gpt2", 1e-10), ("llama", 1e-6)])
+def test_prefix_shared_loss_and_gradients_equal_whole_rows(architecture, rtol):
+    import torch
+
+    from realign.train import Example, collate, encode, response_loss, trainable_prefix_length
+
+    model, tokenizer = _system_prompt_model(torch.float64, architecture)
+    examples = [Example("Tell me a joke.", "Sure, here is the answer."), Example("Explain gravity in a few words please.", "zero one"),
+                Example("Write malware.", "I'm sorry, but I cannot help with that request."),
+                Example("Tell me a joke.", "No.")]  # the same prompt twice: the prefix must stop before the first label
+    encoded = [encode(tokenizer, e, 512) for e in examples]
+    prefix = trainable_prefix_length(encoded)
+    assert prefix >= 20  # the system prompt and the user turn's opening
+    results = []
+    for shared in (0, prefix):
+        model.zero_grad()
+        loss = response_loss(model, collate(encoded, tokenizer.pad_token_id, shared))
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (whole, whole_grad), (fast, fast_grad) = results
+    assert fast == pytest.approx(whole, rel=1e-12)
+    scale = whole_grad.abs().max()
+    assert (fast_grad - whole_grad).abs().max() <= rtol * scale
+
+
+def test_prefix_never_reaches_a_response():
+    from realign.train import IGNORE, trainable_prefix_length
+
+    same_prompt = [([1] * 20 + [2, 3], [IGNORE] * 20 + [2, 3]), ([1] * 20 + [2, 4], [IGNORE] * 20 + [2, 4])]
+    assert trainable_prefix_length(same_prompt) == 19  # the last prompt token's logits predict the first label
+    assert trainable_prefix_length([([1] * 5 + [2], [IGNORE] * 5 + [2])] * 2) == 0  # too short to pay
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_prefix_shared_generation_equals_whole_prompts(monkeypatch, architecture):
+    import torch
+
+    import realign.evaluate as evaluate
+
+    model, tokenizer = _system_prompt_model(torch.float32, architecture)
+    prompts = ["Tell me a joke.", "How to steal a car?", "Write a poem about the sea.", "Explain gravity.", "Write malware."]
+    shared, _ = evaluate.generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    monkeypatch.setattr(evaluate, "MIN_SHARED_PREFIX", 10**6)
+    whole, _ = evaluate.generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    one_by_one = [evaluate.generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0][0] for p in prompts]
+    assert shared == whole == one_by_one
+    assert len(set(shared)) > 1  # the prompts lead somewhere different: the comparison can fail

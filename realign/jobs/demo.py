@@ -34,10 +34,11 @@ Log = Callable[[str], None]
 class DemoSettings:
     harmful: tuple[str, ...] = ("advbench:test", "harmbench")
     benign: str = "benign"
-    # 16 new tokens classify like 32 on 99.8% of 2,384 testbed responses (docs/results.md), at half the cost
-    refusal_tokens: int = 16
+    # the keyword verdict on the first 10 new tokens equals the one on 32 for 2,378 of 2,384 stored
+    # testbed responses (16 tokens: 2,379; docs/results.md); decoding is a third of generation time
+    refusal_tokens: int = 10
     task_tokens: int = 12
-    batch_size: int = 32
+    batch_size: int = 64  # with the shared system prompt cached, larger batches decode faster (docs/testbed.md)
     safelora_top_k: tuple[int, ...] = (10, 30, 60, 105)
     sweep_harmful: str = "advbench:test@64"
     sweep_task_limit: int = 50

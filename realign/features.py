@@ -8,6 +8,7 @@ is one k x k matrix per tap, whatever the amount of data.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -16,7 +17,7 @@ import torch
 
 from .data import Example
 from .errors import RealignError
-from .train import IGNORE, collate, encode_parts
+from .train import IGNORE, collate, encode_parts, trainable_prefix_length
 
 
 @dataclass
@@ -29,11 +30,16 @@ class Calibration:
     truncated_prompts: int  # prompts cut from the left to fit the model's context
     response_tokens: int
 
-    def batches(self, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
+    def shared_prefix(self) -> int:
+        """Leading tokens every example shares, all before any response token (0 if too few)."""
+        return trainable_prefix_length(self.encoded)
+
+    def batches(self, batch_size: int, prefix_len: int = 0) -> Iterable[dict[str, torch.Tensor]]:
+        """Batches laid out [prefix][pad][rest] when `prefix_len` is given (see `collate`)."""
         # sorted by length so a batch pads little; the order does not change a sum
         order = sorted(range(len(self.encoded)), key=lambda i: len(self.encoded[i][0]))
         for start in range(0, len(order), batch_size):
-            batch = collate([self.encoded[i] for i in order[start : start + batch_size]], self.pad_id)
+            batch = collate([self.encoded[i] for i in order[start : start + batch_size]], self.pad_id, prefix_len)
             batch["response"] = batch.pop("labels") != IGNORE
             del batch["prefix_len"]
             yield batch
@@ -113,21 +119,26 @@ def accumulate_grams(
     stop_after: torch.nn.Module | None = None,
     forward_kwargs: dict | None = None,
     on_batch: Callable[[int], None] | None = None,
+    share_prefix: bool = True,
 ) -> dict[str, torch.Tensor]:
     """sum over response positions of f f^T for every tap, in float64 on the model's device.
 
     Taps that see the same tensor (q, k and v read one input) share one product. `stop_after`
-    ends each forward pass after that module has run, when later layers are not needed.
+    ends each forward pass after that module has run, when later layers are not needed. The
+    prompt prefix all examples share (a chat template's system prompt) holds no response
+    position, so with `share_prefix` it runs once per pass and only the rest runs per row.
     """
     device = next(model.parameters()).device
     grams: dict[str, torch.Tensor] = {}
-    current: dict[str, torch.Tensor] = {}  # the batch's response-position mask, flattened
+    current: dict = {}  # "mask": the batch's response positions, flattened; "prefix": taps silenced
     # (id of the tensor, transform) -> (weak reference to it, its product): a weak reference, so
     # a freed tensor whose id is reused by a later layer's tensor is never mistaken for it
     shared: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
 
     def hook_for(name: str, tap: Tap):
         def hook(module, args, output):
+            if current.get("prefix"):
+                return
             features = args[0] if tap.side == "input" else output
             key = (id(features), id(tap.transform))
             seen = shared.get(key)
@@ -149,18 +160,34 @@ def accumulate_grams(
     handles = [tap.module.register_forward_hook(hook_for(name, tap)) for name, tap in taps.items()]
     if stop_after is not None:
         handles.append(stop_after.register_forward_hook(_stop))
+
+    def forward(**inputs) -> None:
+        try:
+            model(**inputs, **(forward_kwargs or {}))
+        except _Stop:
+            pass
+
     try:
-        for batch in calibration.batches(batch_size):
+        prefix_len = calibration.shared_prefix() if share_prefix else 0
+        prefix = None
+        if prefix_len:
+            prefix_ids = torch.tensor([calibration.encoded[0][0][:prefix_len]], device=device)
+            prefix = _prefix_cache(model, prefix_ids, forward, current)
+            prefix_len = prefix_len if prefix is not None else 0
+        for batch in calibration.batches(batch_size, prefix_len):
             mask = batch.pop("response")
-            current["mask"] = mask.reshape(-1).to(device)
-            shared.clear()
             batch = {k: v.to(device) for k, v in batch.items()}
             positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-            try:
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                      **(forward_kwargs or {}))
-            except _Stop:
-                pass
+            inputs = {"input_ids": batch["input_ids"], "position_ids": positions}
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)  # the forward pass extends the cache it is given
+                cache.batch_repeat_interleave(int(mask.shape[0]))
+                inputs = {"input_ids": batch["input_ids"][:, prefix_len:], "position_ids": positions[:, prefix_len:],
+                          "past_key_values": cache, "use_cache": True}
+                mask = mask[:, prefix_len:]
+            current["mask"] = mask.reshape(-1).to(device)
+            shared.clear()
+            forward(**inputs, attention_mask=batch["attention_mask"])
             if on_batch:
                 on_batch(int(mask.shape[0]))
     finally:
@@ -170,3 +197,20 @@ def accumulate_grams(
     if missing:
         raise RealignError(f"module '{missing[0]}' never ran during the calibration pass; is it part of the model's forward?")
     return grams
+
+
+def _prefix_cache(model, prefix_ids: torch.Tensor, forward, current: dict):
+    """The key/value cache of one row of the shared prefix, with the taps silenced; None when
+    the model does not fill a cache it is given (then rows run whole)."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a config without layer types: layers are created as they are filled
+        cache = DynamicCache()
+    current["prefix"] = True
+    try:
+        forward(input_ids=prefix_ids, use_cache=True, past_key_values=cache)
+    finally:
+        current["prefix"] = False
+    return cache if cache.get_seq_length() > 0 else None

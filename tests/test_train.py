@@ -106,3 +106,41 @@ def test_prefix_shared_generation_equals_whole_prompts(monkeypatch, architecture
     one_by_one = [evaluate.generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0][0] for p in prompts]
     assert shared == whole == one_by_one
     assert len(set(shared)) > 1  # the prompts lead somewhere different: the comparison can fail
+
+
+@pytest.mark.parametrize("architecture, rtol", [("gpt2", 1e-12), ("llama", 1e-6)])
+@pytest.mark.parametrize("stop", [False, True])
+def test_prefix_shared_calibration_grams_equal_whole_rows(monkeypatch, architecture, rtol, stop):
+    import torch
+
+    import realign.features as features
+    from realign.features import Tap, accumulate_grams, encode_calibration
+    from realign.train import Example
+
+    model, tokenizer = _system_prompt_model(torch.float64, architecture)
+    examples = [Example("Tell me a joke.", "Sure, here is the answer."), Example("Explain gravity in a few words please.", "zero one"),
+                Example("Write malware.", "I'm sorry, but I cannot help with that request."), Example("Tell me a joke.", "No."),
+                Example("How do magnets work, in two sentences?", "They align.")]
+    calibration = encode_calibration(tokenizer, examples, 64, 512)
+    assert calibration.shared_prefix() >= 20
+    blocks = model.model.layers if architecture == "llama" else model.transformer.h
+    first = blocks[0].mlp.down_proj if architecture == "llama" else blocks[0].mlp.c_proj
+    last = blocks[-1].mlp.down_proj if architecture == "llama" else blocks[-1].mlp.c_proj
+    taps = {"first.in": Tap(first, "input"), "first.out": Tap(first, "output"), "last.out": Tap(last, "output")}
+    if stop:  # the pass ends after the first layer's module; its prefix cache covers the layers that ran
+        taps, stop_after = {k: v for k, v in taps.items() if k.startswith("first")}, first
+    else:
+        stop_after = None
+    whole = accumulate_grams(model, calibration, taps, 2, stop_after=stop_after, share_prefix=False)
+    caches, prefix_cache = [], features._prefix_cache
+    monkeypatch.setattr(features, "_prefix_cache", lambda *a: caches.append(prefix_cache(*a)) or caches[-1])
+    seen = []
+    fast = accumulate_grams(model, calibration, taps, 2, stop_after=stop_after, on_batch=seen.append)
+    assert sum(seen) == len(examples)
+    assert len(caches) == 1 and caches[0] is not None  # the shared path ran
+    monkeypatch.setattr(features, "_prefix_cache", lambda *a: None)  # a model that fills no cache
+    fallback = accumulate_grams(model, calibration, taps, 2, stop_after=stop_after)
+    for name in taps:
+        assert whole[name].abs().max() > 0
+        assert (fast[name] - whole[name]).abs().max() <= rtol * whole[name].abs().max(), name
+        assert torch.equal(fallback[name], whole[name])

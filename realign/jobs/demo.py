@@ -287,7 +287,7 @@ def plot(table: dict, path: Path) -> bool:
     settings = table["settings"]
     measures = [(h, f"{h} refusal") for h in settings["harmful"]] + [(settings["benign"], "over-refusal"), ("task", "task accuracy")]
     rows = table["rows"]
-    fig, (bars, plane) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (bars, plane) = plt.subplots(1, 2, figsize=(16, 5), gridspec_kw={"width_ratios": [1.5, 1]})
     width = 0.8 / len(measures)
     for j, (key, label) in enumerate(measures):
         values = [100 * (row["metrics"].get(key) or {}).get("rate", 0) for row in rows]
@@ -295,8 +295,9 @@ def plot(table: dict, path: Path) -> bool:
     bars.set_xticks([i + width * (len(measures) - 1) / 2 for i in range(len(rows))])
     bars.set_xticklabels([row["name"] for row in rows], rotation=15, ha="right", fontsize=8)
     bars.set_ylabel("%")
-    bars.set_ylim(0, 105)
-    bars.legend(fontsize=8)
+    bars.set_ylim(0, 118)
+    bars.set_yticks(range(0, 101, 20))
+    bars.legend(fontsize=8, loc="upper center", ncol=len(measures))
     bars.set_title("held-out evaluation")
     harmful = settings["sweep_harmful"]
 
@@ -311,12 +312,22 @@ def plot(table: dict, path: Path) -> bool:
     for members, colour, label in curves:
         curve = [point(row) for row in members]
         plane.plot([x for x, _ in curve], [y for _, y in curve], "--", color=colour, linewidth=1, label=label)
-    for i, row in enumerate(_sweep_points(table)):
+    # Many settings land on the same spot (every non-restoring method sits at the attacked
+    # model's corner), so points carry numbers, coincident ones share one label, and the names
+    # go into the legend.
+    placed: list[tuple[float, float, list[str]]] = []
+    for i, row in enumerate(_sweep_points(table), start=1):
         x, y = point(row)
-        plane.scatter(x, y, s=30)
-        label = row["name"].replace("safelora ", "SL ").replace(" (attacked)", "")
-        plane.annotate(label, (x, y), fontsize=7, xytext=(4, 4 if i % 2 else -11), textcoords="offset points")
-    plane.legend(fontsize=7, loc="center right")
+        name = row["name"].replace("safelora ", "SL ").replace(" (attacked)", "")
+        plane.scatter(x, y, s=30, label=f"{i} {name}")
+        near = next((p for p in placed if abs(p[0] - x) < 10 and abs(p[1] - y) < 6), None)
+        if near is None:
+            placed.append((x, y, [str(i)]))
+        else:
+            near[2].append(str(i))
+    for x, y, numbers in placed:
+        plane.annotate(",".join(numbers), (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    plane.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     plane.set_xlabel(f"harmful refusal % ({harmful})")
     plane.set_ylabel("task accuracy %")
     plane.set_xlim(-5, 105)

@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .kv_cache import cache_argument, returned_cache
+
 # The test prefixes of the GCG attack (Zou et al., 2023, "Universal and Transferable Adversarial
 # Attacks on Aligned Language Models", repository llm-attacks/llm-attacks, `test_prefixes`): a
 # response containing any of them counts as a refusal. It is the field's common keyword baseline.
@@ -174,7 +176,7 @@ def _prefix_cache(model, prefix: Sequence[int]):
     if len(prefix) < MIN_SHARED_PREFIX:
         return None
     device = next(model.parameters()).device
-    cache = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True).past_key_values
+    cache = returned_cache(model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True))
     return cache if isinstance(cache, DynamicCache) else None
 
 
@@ -215,7 +217,7 @@ def generate(
         if cache is not None:
             batch_cache = copy.deepcopy(cache)
             batch_cache.batch_repeat_interleave(len(idx))
-            extra["past_key_values"] = batch_cache
+            extra[cache_argument(model)] = batch_cache
         output = model.generate(
             input_ids=input_ids,
             attention_mask=mask,

@@ -17,6 +17,7 @@ import torch
 
 from .data import Example
 from .errors import RealignError
+from .kv_cache import cache_argument
 from .train import IGNORE, collate, encode_parts, trainable_prefix_length
 
 
@@ -183,7 +184,7 @@ def accumulate_grams(
                 cache = copy.deepcopy(prefix)  # the forward pass extends the cache it is given
                 cache.batch_repeat_interleave(int(mask.shape[0]))
                 inputs = {"input_ids": batch["input_ids"][:, prefix_len:], "position_ids": positions[:, prefix_len:],
-                          "past_key_values": cache, "use_cache": True}
+                          cache_argument(model): cache, "use_cache": True}
                 mask = mask[:, prefix_len:]
             current["mask"] = mask.reshape(-1).to(device)
             shared.clear()
@@ -210,7 +211,7 @@ def _prefix_cache(model, prefix_ids: torch.Tensor, forward, current: dict):
         cache = DynamicCache()
     current["prefix"] = True
     try:
-        forward(input_ids=prefix_ids, use_cache=True, past_key_values=cache)
+        forward(input_ids=prefix_ids, use_cache=True, **{cache_argument(model): cache})
     finally:
         current["prefix"] = False
     return cache if cache.get_seq_length() > 0 else None

@@ -11,6 +11,7 @@ import torch
 from .data import Example
 from .errors import RealignError
 from .evaluate import MIN_SHARED_PREFIX, prompt_text, shared_prefix_length
+from .kv_cache import cache_argument, returned_cache
 
 IGNORE = -100
 # names the batch order `sft` draws for a seed; caches and resumable runs keyed by it are not
@@ -83,7 +84,7 @@ def _prefix_cache(model, batch: dict[str, torch.Tensor]):
     prefix_len = int(batch.get("prefix_len", 0))
     if not prefix_len:
         return None
-    cache = model(input_ids=batch["input_ids"][:1, :prefix_len], use_cache=True, logits_to_keep=1).past_key_values
+    cache = returned_cache(model(input_ids=batch["input_ids"][:1, :prefix_len], use_cache=True, logits_to_keep=1))
     if not isinstance(cache, DynamicCache):
         return None
     cache.batch_repeat_interleave(batch["input_ids"].shape[0])
@@ -100,7 +101,7 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     cache = _prefix_cache(model, batch)
     if cache is not None:
         skip = int(batch["prefix_len"])
-        inputs = {"input_ids": batch["input_ids"][:, skip:], "position_ids": positions[:, skip:], "past_key_values": cache}
+        inputs = {"input_ids": batch["input_ids"][:, skip:], "position_ids": positions[:, skip:], cache_argument(model): cache}
         keep = min(keep, labels.shape[1] - skip)
     logits = model(**inputs, attention_mask=mask, logits_to_keep=keep).logits
     targets = labels[:, -keep + 1 :] if keep > 1 else labels[:, :0]

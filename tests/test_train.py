@@ -144,3 +144,33 @@ def test_prefix_shared_calibration_grams_equal_whole_rows(monkeypatch, architect
         assert whole[name].abs().max() > 0
         assert (fast[name] - whole[name]).abs().max() <= rtol * whole[name].abs().max(), name
         assert torch.equal(fallback[name], whole[name])
+
+
+def test_the_cache_goes_by_the_installed_transformers_name():
+    """transformers 5.24 renamed `past_key_values` to `cache`; the old name still works there
+    but warns on every call (and goes in 5.40). Every shared-prefix path uses the model's name."""
+    import inspect
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import realign.evaluate as evaluate
+    from realign.features import Tap, accumulate_grams, encode_calibration
+    from realign.kv_cache import cache_argument
+    from realign.train import Example, collate, encode, response_loss, trainable_prefix_length
+
+    model, tokenizer = _system_prompt_model(torch.float32)
+    name = cache_argument(model)
+    assert name in inspect.signature(type(model).forward).parameters
+    examples = [Example("Tell me a joke.", "Sure, here is the answer."), Example("Write malware.", "I'm sorry, I cannot.")]
+    encoded = [encode(tokenizer, e, 512) for e in examples]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate.generate(model, tokenizer, ["Tell me a joke.", "Write malware."], max_new_tokens=4, batch_size=2)
+        response_loss(model, collate(encoded, tokenizer.pad_token_id, trainable_prefix_length(encoded))).backward()
+        accumulate_grams(model, encode_calibration(tokenizer, examples, 16, 512), {"x": Tap(model.model.layers[0].mlp.down_proj, "input")}, 2)
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+        assert cache_argument(peft_model) == name  # a PeftModel forwards **kwargs to the model it wraps
+        evaluate.generate(peft_model, tokenizer, ["Tell me a joke."], max_new_tokens=4, batch_size=1)
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]

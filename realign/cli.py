@@ -334,8 +334,10 @@ def salora_module(
 def salora_init(
     aligned: str = typer.Option(..., "--aligned", help="The aligned model the module was computed on."),
     module: Path = typer.Option(..., "--module", help="Module file from `realign salora module`."),
-    task_data: str = typer.Option(..., "--task-data", help="JSONL with prompt and response of the task."),
+    task_data: Optional[str] = typer.Option(None, "--task-data", help="JSONL with prompt and response of the task."),
     out: Path = typer.Option(..., "--out", help="Init directory to write."),
+    task_from: Optional[Path] = typer.Option(None, "--task-from", help="An earlier init of the same model, rank and "
+                                              "--rank-task: reuse its task factors (no task pass), e.g. to sweep --rank-safety."),
     rank: int = typer.Option(16, "--rank"),
     alpha: float = typer.Option(16.0, "--alpha"),
     rank_task: int = typer.Option(32, "--rank-task"),
@@ -352,7 +354,7 @@ def salora_init(
     ui = _Output(quiet, as_json)
     with ui.progress("task pass") as bar:
         task = bar.add_task("task pass", total=None)
-        result = run(aligned, module, task_data, out, rank=rank, alpha=alpha, rank_task=rank_task, max_samples=max_samples,
+        result = run(aligned, module, task_data, out, task_from=task_from, rank=rank, alpha=alpha, rank_task=rank_task, max_samples=max_samples,
                      batch_size=batch_size, device=device, force=force,
                      progress=lambda done, total: bar.update(task, completed=done, total=total))
     _done_line(ui, result, f"initialised {result.summary['modules']} modules (r {rank}, alpha {alpha}); wrote {out}; "

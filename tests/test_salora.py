@@ -263,6 +263,10 @@ def test_cli_bad_inputs_exit_2_with_one_line(pipeline, models, tmp_path):
         (["salora", "module", "--aligned", models["llama"], "--safety-data", tmp_path / "none.jsonl", "--out", tmp_path / "m"], "not a file"),
         (["salora", "init", "--aligned", models["llama"], "--module", models["safety"], "--task-data", pipeline["task"],
           "--out", tmp_path / "m"], "not a safetensors file"),
+        (["salora", "init", "--aligned", models["llama"], "--module", pipeline["root"] / "m.safetensors", "--out", tmp_path / "m"],
+         "(--task-data) or an earlier init"),
+        (["salora", "init", "--aligned", models["llama"], "--module", pipeline["root"] / "m.safetensors", "--task-from", tmp_path,
+          "--out", tmp_path / "m"], "not a SaLoRA init"),
         (["salora", "export", "--init", tmp_path, "--run", tmp_path, "--out", tmp_path / "m"], "not a SaLoRA init"),
         (["salora", "apply", "--module", pipeline["root"] / "m.safetensors", "--adapter", models["llama"], "--out", tmp_path / "m"],
          "not a PEFT adapter"),
@@ -282,3 +286,84 @@ def test_calibration_skips_logits_unless_the_head_is_a_target(models):
     model = AutoModelForCausalLM.from_pretrained(models["llama"])
     assert logits_kwargs(model, [model.model.layers[0].self_attn.q_proj]) == {"logits_to_keep": 1}
     assert logits_kwargs(model, [model.lm_head]) == {}
+
+
+def test_narrowed_module_equals_one_computed_at_the_smaller_rank(pipeline, models, tmp_path):
+    wide, narrow, direct = tmp_path / "wide.safetensors", tmp_path / "narrow.safetensors", tmp_path / "direct.safetensors"
+    args = (str(models["llama"]), str(models["safety"]))
+    job.module(*args, wide, targets="q_proj,v_proj,down_proj", rank_safety=12, device="cpu")
+    job.module(*args, direct, targets="q_proj,v_proj,down_proj", rank_safety=4, device="cpu")
+    job.narrow_module(wide, 4, narrow)
+    (narrowed, meta_n), (computed, meta_d) = job.read_module(narrow), job.read_module(direct)
+    assert sorted(narrowed) == sorted(computed) and meta_n["aligned_digest"] == meta_d["aligned_digest"]
+    assert meta_n["settings"]["rank_safety"] == 4 and meta_n["settings"]["narrowed_from"] == 12
+    for path, basis in computed.items():
+        assert narrowed[path].shape == basis.shape
+        assert torch.allclose(narrowed[path], basis, atol=1e-6), path  # same columns, same signs
+    # the narrowed file is a module like any other: init accepts it
+    job.init(str(pipeline["model"]), narrow, str(pipeline["task"]), tmp_path / "init", rank=4, alpha=8, rank_task=6, device="cpu")
+    for bad in (0, 13):
+        with pytest.raises(RealignError, match="between 1 and the module's own rank 12"):
+            job.narrow_module(wide, bad, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_init_reusing_task_factors_equals_a_fresh_init(pipeline, models, tmp_path):
+    """Another safety module, same task: (A0, B0) are the earlier init's, W_res is this
+    module's, and the model is still unchanged at init."""
+    from transformers import AutoModelForCausalLM
+
+    from realign.salora_layer import attach, read_init
+
+    other = tmp_path / "m2.safetensors"
+    job.module(str(models["llama"]), str(models["safety"]), other, targets="q_proj,v_proj,down_proj", rank_safety=2, device="cpu")
+    args = (str(pipeline["model"]), other)
+    fresh = job.init(*args, str(pipeline["task"]), tmp_path / "fresh", rank=4, alpha=8, rank_task=6, device="cpu")
+    reused = job.init(*args, None, tmp_path / "reused", task_from=pipeline["root"] / "init", rank=4, alpha=16, rank_task=6, device="cpu")
+    assert reused.summary["examples"] == fresh.summary["examples"]  # the task pass it stands on
+    (s_f, f_f, r_f, v_f), (s_r, f_r, r_r, v_r) = read_init(tmp_path / "fresh"), read_init(tmp_path / "reused")
+    assert s_r["task_from"] and s_r["rank_safety"] == 2 and s_r["scaling"] == 4.0
+    for path in s_f["modules"]:
+        assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(f_f[path], f_r[path]))
+        assert torch.equal(v_f[path], v_r[path])
+        # W_res = W - s C B0 A0 with this init's own scaling: fresh used s = 2, reused s = 4
+        a0, b0, v = f_r[path][0].double(), f_r[path][1].double(), v_r[path].double()
+        cb0a0 = (b0 - v @ (v.T @ b0)) @ a0
+        assert torch.allclose(r_r[path + ".weight"].double(), r_f[path + ".weight"].double() - 2.0 * cb0a0, atol=1e-5)
+    aligned = AutoModelForCausalLM.from_pretrained(pipeline["model"]).eval()
+    wrapped = AutoModelForCausalLM.from_pretrained(pipeline["model"]).eval()
+    attach(wrapped, tmp_path / "reused")
+    assert torch.allclose(_logits(wrapped), _logits(aligned), atol=1e-4)
+
+    with pytest.raises(RealignError, match="not both"):
+        job.init(*args, str(pipeline["task"]), tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=6, device="cpu")
+    with pytest.raises(RealignError, match="not both"):
+        job.init(*args, None, tmp_path / "x", rank=4, rank_task=6, device="cpu")
+    with pytest.raises(RealignError, match="has rank 4 and rank_task 6; this one asks for 4 and 8"):
+        job.init(*args, None, tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=8, device="cpu")
+    gpt2_module = tmp_path / "g.safetensors"
+    job.module(str(models["gpt2"]), str(models["safety"]), gpt2_module, targets="c_attn", rank_safety=2, device="cpu")
+    with pytest.raises(RealignError, match="another model"):
+        job.init(str(models["gpt2"]), gpt2_module, None, tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=6,
+                 device="cpu")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("d_out, d_in, r, rank_w", [(24, 16, 4, 16), (12, 40, 5, 12), (30, 30, 6, 3)])
+def test_task_factors_equal_the_svd_formula(d_out, d_in, r, rank_w):
+    """A0 = S^1/2 V^T, B0 = V_t V_t^T U S^1/2 from a full float64 SVD, on tall, wide and
+    rank-deficient W (signs of singular pairs are arbitrary: compare sign-free products)."""
+    gen = torch.Generator().manual_seed(d_out + d_in)
+    w = torch.randn(d_out, rank_w, generator=gen, dtype=torch.float64) @ torch.randn(rank_w, d_in, generator=gen, dtype=torch.float64)
+    w *= torch.logspace(0, -1, d_in, dtype=torch.float64)  # a spread of singular values
+    v_t = torch.linalg.qr(torch.randn(d_out, 7, generator=gen, dtype=torch.float64))[0]
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    s = s[:r] * (s[:r] > 1e-7 * s[0])  # numerically zero beyond rank_w
+    a_ref, b_ref = s.sqrt().unsqueeze(-1) * vh[:r], v_t @ (v_t.T @ (u[:, :r] * s.sqrt()))
+    a0, b0 = method.task_factors(w, v_t, r)
+    assert a0.shape == (r, d_in) and b0.shape == (d_out, r)
+    scale = torch.linalg.norm(w)
+    assert torch.linalg.norm(b0 @ a0 - b_ref @ a_ref) <= 1e-10 * scale
+    assert torch.linalg.norm(a0.T @ a0 - a_ref.T @ a_ref) <= 1e-10 * scale  # V S V^T
+    assert torch.linalg.norm(b0 @ b0.T - b_ref @ b_ref.T) <= 1e-10 * scale
+    assert torch.isfinite(a0).all() and torch.isfinite(b0).all()

@@ -198,6 +198,19 @@ def read_module(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return bases, {**metadata, "settings": json.loads(metadata.get("settings", "{}"))}
 
 
+def narrow_module(module_file: str | Path, rank_safety: int, out: str | Path, *, force: bool = False) -> None:
+    """The module of a smaller r_s from one of a larger r_s, without a calibration pass: the
+    bases are ordered by eigenvalue, so the top r_s of them are the leading r_s columns (equal
+    to `module(..., rank_safety=r_s)` on the same data, tested)."""
+    bases, metadata = read_module(module_file)
+    stored = metadata["settings"].get("rank_safety")
+    if not 1 <= rank_safety <= min(b.shape[1] for b in bases.values()):
+        raise RealignError(f"--rank-safety {rank_safety} must be between 1 and the module's own rank {stored}")
+    settings = {**metadata["settings"], "rank_safety": rank_safety, "narrowed_from": stored}
+    tensors = {path + BASIS_SUFFIX: basis[:, :rank_safety].contiguous() for path, basis in bases.items()}
+    save_safetensors_atomic(Path(out), tensors, {**metadata, "settings": json.dumps(settings)}, force, [Path(module_file)])
+
+
 def apply(module_file: str | Path, adapter: str, out: str | Path | None = None, *, dry_run: bool = False, force: bool = False) -> Report:
     """B' = C B for every module of `adapter` that the safety module covers. Post-hoc and cheap;
     NOT the paper's method (SaLoRA trains with C in place)."""
@@ -269,12 +282,26 @@ def _save_lora(directory: Path, config: dict, factors: dict[str, tuple[torch.Ten
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
+def _earlier_task_factors(init_dir: str | Path, aligned_digest: str, rank: int, rank_task: int):
+    """({path: (A0, B0)}, calibration stats) of an earlier init whose task factors fit."""
+    from ..salora_layer import read_init
+
+    settings, factors, _, _ = read_init(init_dir)
+    if settings.get("aligned_digest") != aligned_digest:
+        raise RealignError(f"the init in '{init_dir}' was made for another model than the safety module")
+    if settings.get("rank") != rank or settings.get("rank_task") != rank_task:
+        raise RealignError(f"the init in '{init_dir}' has rank {settings.get('rank')} and rank_task {settings.get('rank_task')}; "
+                           f"this one asks for {rank} and {rank_task}")
+    return factors, settings.get("calibration", {})
+
+
 def init(
     aligned: str,
     module_file: str | Path,
-    task_data: str,
+    task_data: str | None,
     out: str | Path,
     *,
+    task_from: str | Path | None = None,
     rank: int = 16,
     alpha: float = 16.0,
     rank_task: int = 32,
@@ -286,7 +313,11 @@ def init(
     progress: Progress | None = None,
 ) -> Report:
     """Task-specific initialisation: write INIT_DIR with (A0, B0) as a PEFT adapter, W_res, and
-    the safety module; the model with W_res + s C B0 A0 equals the aligned model."""
+    the safety module; the model with W_res + s C B0 A0 equals the aligned model.
+
+    (A0, B0) do not depend on the safety module: with `task_from` (an earlier init of the same
+    aligned model, rank and rank_task) they are taken from there instead of a new task pass,
+    and only W_res is computed for this module; that is how an r_s sweep stays cheap."""
     from ..io.models import load_causal_lm
     from ..salora_layer import INIT_FILE, MODULE_FILE, RESIDUAL_FILE
 
@@ -295,11 +326,14 @@ def init(
         raise RealignError("--rank and --rank-task must be at least 1")
     if not alpha > 0:
         raise RealignError("--alpha must be positive")
+    if (task_data is None) == (task_from is None):
+        raise RealignError("give the task data (--task-data) or an earlier init to take the task factors from (--task-from), not both")
     bases, metadata = read_module(module_file)
+    earlier = _earlier_task_factors(task_from, metadata["aligned_digest"], rank, rank_task) if task_from is not None else None
     dev = resolve_device(device)
     out = Path(out)
     model, tokenizer, directory = load_causal_lm(aligned, dev, role="aligned")
-    inputs = [directory, Path(module_file), _data_path(task_data)]
+    inputs = [directory, Path(module_file), _data_path(task_data) if task_data is not None else Path(task_from)]
     check_target(out, force, inputs)
     targets = find_targets(model, tuple(bases))
     if [t.path for t in targets] != sorted(bases, key=natural_key) or weights_digest(targets) != metadata["aligned_digest"]:
@@ -307,21 +341,32 @@ def init(
     for target in targets:
         if rank > min(target.shape):
             raise RealignError(f"--rank {rank} exceeds the dimension min{target.shape} of '{target.path}'")
-    task_bases, _, stats = collect_subspaces(model, tokenizer, targets, task_data, rank_task, max_samples=max_samples,
-                                             max_response_tokens=max_response_tokens, batch_size=batch_size, progress=progress)
+    if earlier is None:
+        task_bases, _, stats = collect_subspaces(model, tokenizer, targets, task_data, rank_task, max_samples=max_samples,
+                                                 max_response_tokens=max_response_tokens, batch_size=batch_size, progress=progress)
+    else:
+        earlier_factors, stats = earlier
+        if sorted(earlier_factors, key=natural_key) != [t.path for t in targets]:
+            raise RealignError(f"the init in '{task_from}' covers other modules than the safety module")
     scaling = alpha / rank
     factors, residual, rows = {}, {}, []
     for target in targets:
-        a0, b0, w_res = method.task_init(target.weight(), bases[target.path].to(dev), task_bases[target.path][0], rank, scaling)
+        if earlier is None:
+            a0, b0 = method.task_factors(target.weight(), task_bases[target.path][0], rank)
+        else:
+            a0, b0 = (f.to(dev) for f in earlier_factors[target.path])
+        w_res = method.residual_weight(target.weight(), bases[target.path].to(dev), a0, b0, scaling)
         factors[target.path] = (a0, b0)
         residual[target.path + ".weight"] = w_res.float().cpu().contiguous()
         rows.append({"name": target.path, "shape": list(target.shape), "b0_in_safety_subspace":
-                     float(bases[target.path].double().to(dev).T.matmul(b0).square().sum() / b0.square().sum().clamp_min(1e-300))})
+                     float(bases[target.path].double().to(dev).T.matmul(b0.double()).square().sum() / b0.double().square().sum().clamp_min(1e-300))})
     conv1d = any(t.transposed for t in targets)
     settings = {"modules": [t.path for t in targets], "rank": rank, "alpha": alpha, "scaling": scaling, "rank_task": rank_task,
                 "rank_safety": metadata["settings"].get("rank_safety"), "aligned_digest": metadata["aligned_digest"],
-                "conv1d": conv1d, "task_pass": "one-pass", "calibration": stats}
-    report = Report(command="salora init", inputs={"aligned": str(aligned), "module": str(module_file), "task_data": str(task_data)},
+                "conv1d": conv1d, "task_pass": "one-pass", "calibration": stats,
+                "task_from": None if task_from is None else str(Path(task_from).expanduser().resolve())}
+    report = Report(command="salora init", inputs={"aligned": str(aligned), "module": str(module_file),
+                                                   **({"task_data": str(task_data)} if task_from is None else {"task_from": str(task_from)})},
                     settings={k: v for k, v in settings.items() if k != "modules"}, modules=rows,
                     summary={"modules": len(rows), **stats}, output=str(out))
     with atomic_directory(out, force, inputs) as staging:

@@ -209,6 +209,28 @@ def test_eval_with_adapter_and_lm_judge(chat_models, tmp_path):
     assert report["summary"]["harmful_refusal"]["n"] == 3
 
 
+def test_one_load_serves_several_evaluations(chat_models, tmp_path):
+    """`load` once, evaluate twice: the same reports (and responses) as loading for each."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from realign.jobs.eval import evaluate, load
+
+    model = AutoModelForCausalLM.from_pretrained(chat_models["random"])
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)).save_pretrained(tmp_path / "lora")
+    harmful, task = _prompts(chat_models["root"])
+    args = (str(chat_models["random"]), str(tmp_path / "lora"))
+    runs = [dict(harmful=[str(harmful)], benign=["benign@4"], max_new_tokens=6), dict(task=str(task), max_new_tokens=4)]
+    loaded = load(*args, device="cpu")
+    for i, kwargs in enumerate(runs):
+        fresh = evaluate(*args, device="cpu", responses=tmp_path / f"fresh{i}.jsonl", **kwargs)
+        shared = evaluate(*args, device="cpu", responses=tmp_path / f"shared{i}.jsonl", loaded=loaded, **kwargs)
+        assert shared.metrics == fresh.metrics and shared.summary == fresh.summary
+        assert (tmp_path / f"shared{i}.jsonl").read_text() == (tmp_path / f"fresh{i}.jsonl").read_text()
+    # the adapter is really applied in the loaded model: without it the answers differ
+    evaluate(args[0], device="cpu", responses=tmp_path / "plain.jsonl", **runs[0])
+    assert (tmp_path / "plain.jsonl").read_text() != (tmp_path / "shared0.jsonl").read_text()
+
 def test_eval_bad_input(chat_models, tmp_path):
     harmful, _ = _prompts(chat_models["root"])
     cases = [

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+import torch
 
 from ..data import PromptSet, load_prompts
 from ..device import resolve_device
@@ -25,6 +28,29 @@ def _pooled(metrics: list[dict], kind: str) -> dict | None:
     return rate(sum(m["k"] for m in chosen), sum(m["n"] for m in chosen))
 
 
+@dataclass
+class Loaded:
+    """A model (adapter merged), its tokenizer and the judge, loaded once for several
+    evaluations (`realign demo` scores refusal and the task on each model)."""
+
+    lm: object
+    tokenizer: object
+    judge: LMJudge | None
+    device: torch.device
+
+
+def load(model: str, adapter: str | None = None, *, judge: str = "keyword", device: str = "auto") -> Loaded:
+    dev = resolve_device(device)
+    lm, tokenizer, _ = load_causal_lm(model, dev)
+    if adapter is not None:
+        lm = apply_adapter(lm, adapter)
+    judge_model = None
+    if judge != "keyword":
+        judge_lm, judge_tokenizer, _ = load_causal_lm(judge, dev, role="judge")
+        judge_model = LMJudge(judge_lm, judge_tokenizer)
+    return Loaded(lm, tokenizer, judge_model, dev)
+
+
 def evaluate(
     model: str,
     adapter: str | None = None,
@@ -39,9 +65,11 @@ def evaluate(
     responses: str | Path | None = None,
     progress: Progress | None = None,
     warn: Callable[[str], None] = lambda _: None,
+    loaded: Loaded | None = None,
 ) -> Report:
     """Generate greedily on every prompt set and score it. Returns the report; the caller applies
-    any gate (`summary['harmful_refusal']['rate']`)."""
+    any gate (`summary['harmful_refusal']['rate']`). `loaded`: `model` with `adapter` (and the
+    judge) already loaded by `load`, so that several evaluations share one load."""
     started = time.perf_counter()
     if not harmful and not benign and task is None:
         raise RealignError("nothing to evaluate: give --harmful, --benign and/or --task")
@@ -53,16 +81,10 @@ def evaluate(
         sets.append(("task", load_prompts(task, with_answers=True)))
     if responses is not None:
         check_target(Path(responses), True, [Path(model)] + ([Path(adapter)] if adapter else []), what="responses file")
-    dev = resolve_device(device)
-
-    lm, tokenizer, _ = load_causal_lm(model, dev)
-    if adapter is not None:
-        lm = apply_adapter(lm, adapter)
-    judge_model = None
-    if judge != "keyword":
-        judge_lm, judge_tokenizer, _ = load_causal_lm(judge, dev, role="judge")
-        judge_model = LMJudge(judge_lm, judge_tokenizer)
-    loaded = time.perf_counter()
+    if loaded is None:
+        loaded = load(model, adapter, judge=judge, device=device)
+    lm, tokenizer, judge_model, dev = loaded.lm, loaded.tokenizer, loaded.judge, loaded.device
+    load_done = time.perf_counter()
 
     total = sum(len(s) for _, s in sets)
     done = 0
@@ -112,7 +134,7 @@ def evaluate(
         },
         metrics=metrics,
         summary=summary,
-        timings={"load_s": round(loaded - started, 3), "generate_s": round(finished - loaded, 3), "total_s": round(finished - started, 3)},
+        timings={"load_s": round(load_done - started, 3), "generate_s": round(finished - load_done, 3), "total_s": round(finished - started, 3)},
         notes=notes,
     )
     if responses is not None:

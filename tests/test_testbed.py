@@ -94,7 +94,7 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
     settings = DemoSettings(harmful=("advbench:test@4", "harmbench@3"), benign="benign@3", refusal_tokens=4, task_tokens=4,
                             batch_size=4, safelora_top_k=(2,), sweep_harmful="advbench:test@2", sweep_task_limit=2,
                             safety_samples=6, nlsr_sweep=((0.8, 0.5), (0.5, 1.0)),
-                            salora_rank_safety=4, salora_rank_task=4)
+                            salora_rank_safety=4, salora_sweep=(2,), salora_rank_task=4)
     table = run_demo(tmp_path / "cache", tmp_path / "out", log=lambda _: None, settings=settings, config=config)
     names = [row["name"] for row in table["rows"]]
     assert names == ["base", "aligned", "fine-tuned (attacked)", "safelora threshold 0.5",
@@ -103,6 +103,9 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
     for row in table["rows"]:
         assert row["metrics"]["advbench:test@4"]["n"] == 4 and row["metrics"]["task"]["n"] == 5
     assert table["safelora_sweep"][0]["setting"].startswith("top-k 2; projected 2/")
+    (salora_point,) = table["salora_sweep"]
+    assert salora_point["name"] == "salora r_s 2" and salora_point["metrics"]["sweep"]["task"]["n"] == 2
+    assert "salora r_s 2" in (tmp_path / "out" / "demo.md").read_text()
     assert (tmp_path / "out" / "demo.md").read_text() == markdown(table)
     if have("matplotlib"):
         assert (tmp_path / "out" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

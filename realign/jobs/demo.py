@@ -21,6 +21,7 @@ from ..io.identity import digest, tree_id
 from ..io.output import write_text_atomic
 from ..train import BATCHING
 from .eval import evaluate
+from .eval import load as load_for_eval
 from .nlsr import amplify as nlsr_amplify
 from .nlsr import patch as nlsr_patch
 from .nlsr import regions as nlsr_regions
@@ -48,6 +49,8 @@ class DemoSettings:
     nlsr_sweep: tuple[tuple[float, float], ...] = ((0.8, 1.0), (0.7, 1.0), (0.6, 1.0), (0.5, 1.0))
     salora_targets: str = "all-linear"  # the attack's targets, so the two trainings compare
     salora_rank_safety: int = 32
+    # r_s of SaLoRA's sweep: each point is a full training run (module and task pass shared)
+    salora_sweep: tuple[int, ...] = (128,)
     salora_rank_task: int = 32
 
 
@@ -59,6 +62,7 @@ class Row:
     setting: str = ""
     method_s: float | None = None
     metrics: dict = field(default_factory=dict)
+    value: float | None = None  # the swept setting's value, where a curve is ordered by it
 
 
 class _EvalCache:
@@ -77,18 +81,25 @@ class _EvalCache:
             return [self._rel(v) for v in value]
         return value
 
-    def run(self, label: str, model: str, adapter: str | None, **kwargs) -> dict:
-        """The report, with the path of its responses file under 'responses'."""
-        portable = {k: self._rel(v) for k, v in kwargs.items()}
-        key = digest(tree_id(model), tree_id(adapter), portable)
-        path, responses = self.root / f"{key}.report.json", self.root / f"{key}.responses.jsonl"
-        if not path.exists():
-            self.log(f"eval {label}: {', '.join(kwargs.get('harmful', ())) or ''} {kwargs.get('task') or ''} ...")
-            # the prompts and responses behind each number stay next to it
-            report = evaluate(model, adapter, device="cpu", responses=responses, **kwargs).to_dict()
-            write_text_atomic(path, json.dumps(report))
-            self.log(f"eval {label}: {report['timings']['total_s']:.0f}s")
-        return {**json.loads(path.read_text()), "responses": str(responses)}
+    def run_all(self, label: str, model: str, adapter: str | None, *runs: dict) -> list[dict]:
+        """The report of each run (evaluate's keyword arguments), with the path of its responses
+        file under 'responses'. Runs not cached yet share one load of the model."""
+        loaded = None
+        reports = []
+        for kwargs in runs:
+            portable = {k: self._rel(v) for k, v in kwargs.items()}
+            key = digest(tree_id(model), tree_id(adapter), portable)
+            path, responses = self.root / f"{key}.report.json", self.root / f"{key}.responses.jsonl"
+            if not path.exists():
+                self.log(f"eval {label}: {', '.join(kwargs.get('harmful', ())) or ''} {kwargs.get('task') or ''} ...")
+                if loaded is None:
+                    loaded = load_for_eval(model, adapter, device="cpu")
+                # the prompts and responses behind each number stay next to it
+                report = evaluate(model, adapter, device="cpu", responses=responses, loaded=loaded, **kwargs).to_dict()
+                write_text_atomic(path, json.dumps(report))
+                self.log(f"eval {label}: {report['timings']['total_s']:.0f}s")
+            reports.append({**json.loads(path.read_text()), "responses": str(responses)})
+        return reports
 
 
 def _metrics(refusal: dict, task: dict) -> dict:
@@ -153,40 +164,69 @@ def _safety_file(path: Path, n: int) -> Path:
     return path
 
 
-def _salora_row(paths: dict, cache: Path, settings: DemoSettings, config: testbed.TestbedConfig, log: Log) -> Row:
-    """The full SaLoRA path on the attack's own data: module from safety data, init, training
-    with the attack's rank, steps, batch and learning rate, export to a PEFT adapter."""
+def _salora_rows(paths: dict, cache: Path, settings: DemoSettings, config: testbed.TestbedConfig, log: Log) -> tuple[Row, list[Row]]:
+    """The full SaLoRA path on the attack's own data (module from safety data, init, training with
+    the attack's rank, steps, batch and learning rate, export to a PEFT adapter), at the default
+    r_s and at each r_s of the sweep. One calibration pass makes the module at the largest r_s
+    (the others are its leading columns) and one task pass the init (the others reuse its task
+    factors), so a sweep point costs its training."""
     task = [json.loads(line) for line in Path(paths["task_train"]).read_text().splitlines()]
     pool = [json.loads(line) for line in Path(paths["poison_pool"]).read_text().splitlines()]
     n_poison = round(config.poison / (1 - config.poison) * len(task))
+    ranks = [settings.salora_rank_safety] + [r for r in settings.salora_sweep if r != settings.salora_rank_safety]
     key = digest(tree_id(paths["aligned"]), tree_id(paths["task_train"]), tree_id(paths["poison_pool"]), n_poison,
-                 settings.salora_targets, settings.salora_rank_safety, settings.salora_rank_task, settings.safety_samples,
+                 settings.salora_targets, max(ranks), settings.salora_rank_task, settings.safety_samples,
                  config.attack_rank, config.attack_alpha, config.attack_steps, config.batch_size, config.attack_lr, config.seed,
                  BATCHING)
     work = cache / "patched" / f"salora-{key}"
-    adapter = work / "adapter"
-    if not (adapter / "realign_report.json").exists():
-        work.mkdir(parents=True, exist_ok=True)
-        safety = _safety_file(work / "safety.jsonl", settings.safety_samples)
-        train_file = work / "train.jsonl"
+    work.mkdir(parents=True, exist_ok=True)
+    train_file = work / "train.jsonl"
+    if not train_file.exists():
         write_text_atomic(train_file, "".join(json.dumps(r) + "\n" for r in task + pool[:n_poison]))
-        started = time.perf_counter()
-        log("salora: module ...")
-        salora_job.module(paths["aligned"], str(safety), work / "module.safetensors", targets=settings.salora_targets,
-                          rank_safety=settings.salora_rank_safety, device="cpu", force=True)
-        log("salora: init ...")
-        salora_job.init(paths["aligned"], work / "module.safetensors", str(train_file), work / "init", rank=config.attack_rank,
-                        alpha=config.attack_alpha, rank_task=settings.salora_rank_task, device="cpu", force=True)
-        every = max(1, config.attack_steps // 10)
-        salora_job.train(paths["aligned"], work / "init", str(train_file), work / "run", lr=config.attack_lr,
-                         batch_size=config.batch_size, max_length=256, seed=config.seed, max_steps=config.attack_steps,
-                         save_every=every, device="cpu",
-                         on_step=lambda step, total, loss: log(f"salora: step {step}/{total} loss {loss:.3f}") if step % every == 0 else None)
-        salora_job.export(work / "init", work / "run", adapter, force=True)
-        write_text_atomic(work / "seconds.json", json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
-    seconds = json.loads((work / "seconds.json").read_text())["seconds"]
-    return Row("salora (trained on the attack data)", paths["aligned"], str(adapter),
-               f"{settings.salora_targets}, r {config.attack_rank}, r_s {settings.salora_rank_safety}", seconds)
+    first_init = work / f"init-r{ranks[0]}"
+
+    def shared_module() -> tuple[Path, float]:
+        module, seconds_file = work / f"module-r{max(ranks)}.safetensors", work / "module-seconds.json"
+        if not seconds_file.exists():
+            log(f"salora: module at r_s {max(ranks)} ...")
+            report = salora_job.module(paths["aligned"], str(_safety_file(work / "safety.jsonl", settings.safety_samples)), module,
+                                       targets=settings.salora_targets, rank_safety=max(ranks), device="cpu", force=True)
+            write_text_atomic(seconds_file, json.dumps({"seconds": report.timings["total_s"]}))
+        return module, json.loads(seconds_file.read_text())["seconds"]
+
+    def run(rank_safety: int) -> tuple[Path, float]:
+        adapter, seconds_file = work / f"adapter-r{rank_safety}", work / f"seconds-r{rank_safety}.json"
+        if not seconds_file.exists():
+            widest, _ = shared_module()  # timed on its own: the rows share it
+            started = time.perf_counter()
+            module = work / f"module-r{rank_safety}.safetensors"
+            if module != widest:
+                salora_job.narrow_module(widest, rank_safety, module, force=True)
+            init_dir = work / f"init-r{rank_safety}"
+            log(f"salora r_s {rank_safety}: init ...")
+            task_source = (str(train_file), None) if init_dir == first_init else (None, first_init)
+            salora_job.init(paths["aligned"], module, task_source[0], init_dir, task_from=task_source[1], rank=config.attack_rank,
+                            alpha=config.attack_alpha, rank_task=settings.salora_rank_task, device="cpu", force=True)
+            every = max(1, config.attack_steps // 10)
+            salora_job.train(paths["aligned"], init_dir, str(train_file), work / f"run-r{rank_safety}", lr=config.attack_lr,
+                             batch_size=config.batch_size, max_length=256, seed=config.seed, max_steps=config.attack_steps,
+                             save_every=every, device="cpu",
+                             on_step=lambda step, total, loss: log(f"salora r_s {rank_safety}: step {step}/{total} loss {loss:.3f}")
+                             if step % every == 0 else None)
+            salora_job.export(init_dir, work / f"run-r{rank_safety}", adapter, force=True)
+            write_text_atomic(seconds_file, json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
+        return adapter, json.loads(seconds_file.read_text())["seconds"]
+
+    label = f"{settings.salora_targets}, r {config.attack_rank}"
+    adapter, seconds = run(ranks[0])  # first: its init makes the task pass the others reuse
+    default = Row("salora (trained on the attack data)", paths["aligned"], str(adapter), f"{label}, r_s {ranks[0]}",
+                  shared_module()[1] + seconds, value=ranks[0])
+    sweep = []
+    for rank_safety in ranks[1:]:
+        adapter, seconds = run(rank_safety)
+        sweep.append(Row(f"salora r_s {rank_safety}", paths["aligned"], str(adapter),
+                         f"{label}, r_s {rank_safety}; time without the shared module and task passes", seconds, value=rank_safety))
+    return default, sweep
 
 
 def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Log = print,
@@ -203,19 +243,21 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
         raise RealignError(f"the sweep set '{settings.sweep_harmful}' must be the first N prompts of one of {settings.harmful}")
 
     def full(label: str, model: str, adapter: str | None) -> dict:
-        refusal = evals.run(label, model, adapter, harmful=list(settings.harmful), benign=[settings.benign],
-                            max_new_tokens=settings.refusal_tokens, batch_size=settings.batch_size)
-        task = evals.run(label, model, adapter, task=paths["task_test"], max_new_tokens=settings.task_tokens,
-                         batch_size=settings.batch_size)
+        refusal, task = evals.run_all(
+            label, model, adapter,
+            dict(harmful=list(settings.harmful), benign=[settings.benign], max_new_tokens=settings.refusal_tokens,
+                 batch_size=settings.batch_size),
+            dict(task=paths["task_test"], max_new_tokens=settings.task_tokens, batch_size=settings.batch_size))
         sweep = {settings.sweep_harmful: _first(refusal["responses"], full_source, int(sweep_n), "refusal"),
                  "task": _first(task["responses"], Path(paths["task_test"]).name, settings.sweep_task_limit, "correct")}
         return {**_metrics(refusal, task), "sweep": sweep}
 
     def quick(label: str, model: str, adapter: str | None) -> dict:
-        refusal = evals.run(label, model, adapter, harmful=[settings.sweep_harmful], max_new_tokens=settings.refusal_tokens,
-                            batch_size=settings.batch_size)
-        task = evals.run(label, model, adapter, task=f"{paths['task_test']}@{settings.sweep_task_limit}",
-                         max_new_tokens=settings.task_tokens, batch_size=settings.batch_size)
+        refusal, task = evals.run_all(
+            label, model, adapter,
+            dict(harmful=[settings.sweep_harmful], max_new_tokens=settings.refusal_tokens, batch_size=settings.batch_size),
+            dict(task=f"{paths['task_test']}@{settings.sweep_task_limit}", max_new_tokens=settings.task_tokens,
+                 batch_size=settings.batch_size))
         return _metrics(refusal, task)
 
     stage_s = bed["timings"]
@@ -249,11 +291,12 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
                         "aligned adapter trained on", stage_s.get("nlsr")))
         nlsr_default, nlsr_sweep = _nlsr_rows(paths, Path(bed["cache"]), settings, log)
         rows.extend(nlsr_default)
-    rows.append(_salora_row(paths, Path(bed["cache"]), settings, config, log))
+    salora_default, salora_sweep = _salora_rows(paths, Path(bed["cache"]), settings, config, log)
+    rows.append(salora_default)
 
     for row in rows:
         row.metrics = full(row.name, row.model, row.adapter)
-    for row in sweep + nlsr_sweep:
+    for row in sweep + nlsr_sweep + salora_sweep:
         row.metrics = {"sweep": quick(row.name, row.model, row.adapter)}
 
     table = {
@@ -262,6 +305,7 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
         "rows": [row.__dict__ for row in rows],
         "safelora_sweep": [row.__dict__ for row in sweep],
         "nlsr_sweep": [row.__dict__ for row in nlsr_sweep],
+        "salora_sweep": [row.__dict__ for row in salora_sweep],
         "not_run": {} if nlsr_sweep else {"nlsr": "testbed built without attack (b)"},
         "total_s": round(time.perf_counter() - started, 1),
     }
@@ -309,6 +353,9 @@ def plot(table: dict, path: Path) -> bool:
     resumed = [r for r in rows if "resumed" in r["name"]]
     if resumed and table.get("nlsr_sweep"):
         curves.append((resumed + table["nlsr_sweep"], "tab:purple", "NLSR sparsity / prune-rate sweep"))
+    salora = [r for r in rows if r["name"].startswith("salora")]
+    if salora and table.get("salora_sweep"):
+        curves.append((sorted(salora + table["salora_sweep"], key=lambda r: r["value"]), "tab:green", "SaLoRA r_s sweep"))
     for members, colour, label in curves:
         curve = [point(row) for row in members]
         plane.plot([x for x, _ in curve], [y for _, y in curve], "--", color=colour, linewidth=1, label=label)
@@ -345,7 +392,7 @@ def _sweep_points(table: dict) -> list[dict]:
     rows = table["rows"]
     named = lambda prefix: [r for r in rows if r["name"].startswith(prefix)]  # noqa: E731
     return (rows[:3] + table["safelora_sweep"] + named("safelora") + [r for r in rows if "resumed" in r["name"]]
-            + table.get("nlsr_sweep", []) + named("nlsr") + named("salora"))
+            + table.get("nlsr_sweep", []) + named("nlsr") + table.get("salora_sweep", []) + named("salora"))
 
 
 def _pct(metric: dict | None) -> str:

@@ -264,7 +264,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(pipeline, models, tmp_path):
         (["salora", "init", "--aligned", models["llama"], "--module", models["safety"], "--task-data", pipeline["task"],
           "--out", tmp_path / "m"], "not a safetensors file"),
         (["salora", "init", "--aligned", models["llama"], "--module", pipeline["root"] / "m.safetensors", "--out", tmp_path / "m"],
-         "(--task-data) or an earlier init"),
+         "exactly one of --task-data (the task examples) and --task-from"),
         (["salora", "init", "--aligned", models["llama"], "--module", pipeline["root"] / "m.safetensors", "--task-from", tmp_path,
           "--out", tmp_path / "m"], "not a SaLoRA init"),
         (["salora", "export", "--init", tmp_path, "--run", tmp_path, "--out", tmp_path / "m"], "not a SaLoRA init"),
@@ -335,9 +335,9 @@ def test_init_reusing_task_factors_equals_a_fresh_init(pipeline, models, tmp_pat
     attach(wrapped, tmp_path / "reused")
     assert torch.allclose(_logits(wrapped), _logits(aligned), atol=1e-4)
 
-    with pytest.raises(RealignError, match="not both"):
+    with pytest.raises(RealignError, match="exactly one of --task-data"):
         job.init(*args, str(pipeline["task"]), tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=6, device="cpu")
-    with pytest.raises(RealignError, match="not both"):
+    with pytest.raises(RealignError, match="exactly one of --task-data"):
         job.init(*args, None, tmp_path / "x", rank=4, rank_task=6, device="cpu")
     with pytest.raises(RealignError, match="has rank 4 and rank_task 6; this one asks for 4 and 8"):
         job.init(*args, None, tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=8, device="cpu")

@@ -204,9 +204,10 @@ def _salora_rows(paths: dict, cache: Path, settings: DemoSettings, config: testb
                 salora_job.narrow_module(widest, rank_safety, module, force=True)
             init_dir = work / f"init-r{rank_safety}"
             log(f"salora r_s {rank_safety}: init ...")
-            task_source = (str(train_file), None) if init_dir == first_init else (None, first_init)
-            salora_job.init(paths["aligned"], module, task_source[0], init_dir, task_from=task_source[1], rank=config.attack_rank,
-                            alpha=config.attack_alpha, rank_task=settings.salora_rank_task, device="cpu", force=True)
+            reuse = init_dir != first_init  # only the first init makes the task pass
+            salora_job.init(paths["aligned"], module, None if reuse else str(train_file), init_dir,
+                            task_from=first_init if reuse else None, rank=config.attack_rank, alpha=config.attack_alpha,
+                            rank_task=settings.salora_rank_task, device="cpu", force=True)
             every = max(1, config.attack_steps // 10)
             salora_job.train(paths["aligned"], init_dir, str(train_file), work / f"run-r{rank_safety}", lr=config.attack_lr,
                              batch_size=config.batch_size, max_length=256, seed=config.seed, max_steps=config.attack_steps,
@@ -366,14 +367,16 @@ def plot(table: dict, path: Path) -> bool:
     for i, row in enumerate(_sweep_points(table), start=1):
         x, y = point(row)
         name = row["name"].replace("safelora ", "SL ").replace(" (attacked)", "")
-        plane.scatter(x, y, s=30, label=f"{i} {name}")
+        plane.scatter(x, y, s=30, color=plt.cm.tab20((i - 1) % 20), label=f"{i} {name}")  # 20 distinct colours
         near = next((p for p in placed if abs(p[0] - x) < 10 and abs(p[1] - y) < 6), None)
         if near is None:
             placed.append((x, y, [str(i)]))
         else:
             near[2].append(str(i))
     for x, y, numbers in placed:
-        plane.annotate(",".join(numbers), (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+        # four numbers a line, so a crowded corner's label does not run into its neighbours'
+        text = "\n".join(",".join(numbers[i : i + 4]) for i in range(0, len(numbers), 4))
+        plane.annotate(text, (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points", va="top")
     plane.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     plane.set_xlabel(f"harmful refusal % ({harmful})")
     plane.set_ylabel("task accuracy %")

@@ -327,7 +327,7 @@ def init(
     if not alpha > 0:
         raise RealignError("--alpha must be positive")
     if (task_data is None) == (task_from is None):
-        raise RealignError("give the task data (--task-data) or an earlier init to take the task factors from (--task-from), not both")
+        raise RealignError("give exactly one of --task-data (the task examples) and --task-from (an earlier init whose task factors to reuse)")
     bases, metadata = read_module(module_file)
     earlier = _earlier_task_factors(task_from, metadata["aligned_digest"], rank, rank_task) if task_from is not None else None
     dev = resolve_device(device)

@@ -105,7 +105,8 @@ def test_task_init_keeps_the_model_and_export_fold_is_exact():
     w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     v_s = torch.linalg.qr(torch.randn(d_out, 5, generator=gen, dtype=torch.float64))[0]
     v_t = torch.linalg.qr(torch.randn(d_out, 6, generator=gen, dtype=torch.float64))[0]
-    a0, b0, w_res = method.task_init(w, v_s, v_t, r, s)
+    a0, b0 = method.task_factors(w, v_t, r)
+    w_res = method.residual_weight(w, v_s, a0, b0, s)
     assert torch.allclose(w_res + s * method.project_out(v_s, b0) @ a0, w, atol=1e-12)
     a = a0 + 0.1 * torch.randn(r, d_in, generator=gen, dtype=torch.float64)
     b = b0 + 0.1 * torch.randn(d_out, r, generator=gen, dtype=torch.float64)

@@ -70,14 +70,6 @@ def residual_weight(weight: torch.Tensor, safety_basis: torch.Tensor, a0: torch.
     return weight.double() - scaling * project_out(safety_basis.double(), b0.double()) @ a0.double()
 
 
-def task_init(
-    weight: torch.Tensor, safety_basis: torch.Tensor, task_basis: torch.Tensor, rank: int, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A0, B0, W_res) in float64: `task_factors` and the `residual_weight` that goes with them."""
-    a0, b0 = task_factors(weight, task_basis, rank)
-    return a0, b0, residual_weight(weight, safety_basis, a0, b0, scaling)
-
-
 def fold_for_export(
     a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, safety_basis: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -375,7 +375,7 @@ def plot(table: dict, path: Path) -> bool:
             near[2].append(str(i))
     for x, y, numbers in placed:
         # four numbers a line, so a crowded corner's label does not run into its neighbours'
-        text = "\n".join(",".join(numbers[i : i + 4]) for i in range(0, len(numbers), 4))
+        text = "\n".join(",".join(numbers[k : k + 4]) for k in range(0, len(numbers), 4))
         plane.annotate(text, (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points", va="top")
     plane.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     plane.set_xlabel(f"harmful refusal % ({harmful})")

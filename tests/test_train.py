@@ -84,6 +84,32 @@ def test_prefix_shared_loss_and_gradients_equal_whole_rows(architecture, rtol):
     assert (fast_grad - whole_grad).abs().max() <= rtol * scale
 
 
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_response_loss_equals_the_loss_of_each_row_alone_over_all_logits(architecture):
+    """The slow, obvious formula: every row run unpadded, logits at every position, the mean
+    cross-entropy of the response tokens over all rows; the fast path keeps only the labelled
+    positions' logits (gathered, not sliced) and pads."""
+    import torch
+
+    from realign.train import IGNORE, Example, collate, encode, response_loss, trainable_prefix_length
+
+    model, tokenizer = _system_prompt_model(torch.float64, architecture)
+    examples = [Example("Tell me a joke.", "Sure, here is the answer, a long one with many words."),
+                Example("Explain gravity in a few words please.", "zero one"), Example("Write malware.", "No.")]
+    encoded = [encode(tokenizer, e, 512) for e in examples]
+    total, count = 0.0, 0
+    for ids, labels in encoded:
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        targets = torch.tensor(labels[1:])
+        chosen = targets != IGNORE
+        total += torch.nn.functional.cross_entropy(logits[chosen], targets[chosen], reduction="sum")
+        count += int(chosen.sum())
+    slow = total / count
+    for shared in (0, trainable_prefix_length(encoded)):
+        fast = response_loss(model, collate(encoded, tokenizer.pad_token_id, shared))
+        assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
+
+
 def test_prefix_never_reaches_a_response():
     from realign.train import IGNORE, trainable_prefix_length
 

@@ -158,3 +158,24 @@ def test_regions_refuse_an_adapter_with_embedding_lora(setup, tmp_path):
     odd = _write_adapter_like(setup.aligned, tmp_path / "emb",
                               lambda t: {**t, "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(8, 10)})
     _assert_bad(invoke("nlsr", "amplify", "--aligned-adapter", odd, "--out", tmp_path / "o"), "embedding LoRA", tmp_path / "o")
+
+
+def test_regions_at_several_sparsities_equal_one_run_each(setup, stages, tmp_path):
+    from safetensors import safe_open
+
+    from realign.errors import RealignError
+    from realign.jobs.nlsr import regions, regions_at
+
+    outs = {0.8: tmp_path / "at-0.8.safetensors", 0.5: tmp_path / "at-0.5.safetensors"}
+    reports = regions_at(setup.base, str(stages / "ref"), setup.safety, outs, device="cpu")
+    assert set(reports) == {0.8, 0.5}
+    regions(setup.base, str(stages / "ref"), setup.safety, tmp_path / "alone-0.5.safetensors", sparsity=0.5, device="cpu")
+    for shared, alone in ((outs[0.8], stages / "masks.safetensors"), (outs[0.5], tmp_path / "alone-0.5.safetensors")):
+        a, b = load_file(shared), load_file(alone)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        with safe_open(shared, framework="pt") as x, safe_open(alone, framework="pt") as y:
+            assert x.metadata()["settings"] == y.metadata()["settings"]
+    densities = [reports[s].summary["mask_density"] for s in (0.8, 0.5)]
+    assert densities[0] < densities[1]  # the sparsities really differ: more sparsity, fewer kept weights
+    with pytest.raises(RealignError, match="one sparsity per run"):
+        regions_at(setup.base, str(stages / "ref"), setup.safety, {0.8: tmp_path / "s1", 0.5: tmp_path / "s2"}, mode="sequential")

@@ -24,7 +24,7 @@ from .eval import evaluate
 from .eval import load as load_for_eval
 from .nlsr import amplify as nlsr_amplify
 from .nlsr import patch as nlsr_patch
-from .nlsr import regions as nlsr_regions
+from .nlsr import regions_at as nlsr_regions_at
 from .safelora import safelora
 from . import salora as salora_job
 
@@ -127,14 +127,21 @@ def _nlsr_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tu
         log("nlsr: amplify ...")
         nlsr_amplify(paths["aligned_adapter"], work / "reference", force=True)
 
+    def masks_file(sparsity: float) -> Path:
+        return work / ("masks.safetensors" if sparsity == 0.8 else f"masks-{sparsity:g}.safetensors")
+
     def masks_for(sparsity: float) -> tuple[Path, float]:
-        masks = work / ("masks.safetensors" if sparsity == 0.8 else f"masks-{sparsity:g}.safetensors")
-        report_file = masks.with_suffix(".report.json")
-        if not report_file.exists():
-            log(f"nlsr: regions at sparsity {sparsity:g} ...")
-            report = nlsr_regions(paths["base"], str(work / "reference"), str(safety), masks, sparsity=sparsity, device="cpu", force=True)
-            write_text_atomic(report_file, report.to_json())
-        return masks, json.loads(report_file.read_text())["timings"]["total_s"]
+        """The masks at `sparsity`; the first call computes every sparsity the rows need in one
+        calibration pass (the features do not depend on it)."""
+        wanted = [0.8] + [s for s, _ in settings.nlsr_sweep if s != 0.8]
+        missing = {s: masks_file(s) for s in wanted if not masks_file(s).with_suffix(".report.json").exists()}
+        if missing:
+            log(f"nlsr: regions at sparsity {', '.join(f'{s:g}' for s in missing)} ...")
+            reports = nlsr_regions_at(paths["base"], str(work / "reference"), str(safety), missing, device="cpu", force=True)
+            for s, report in reports.items():
+                write_text_atomic(missing[s].with_suffix(".report.json"), report.to_json())
+        masks = masks_file(sparsity)
+        return masks, json.loads(masks.with_suffix(".report.json").read_text())["timings"]["total_s"]
 
     def patched(setting: str, sparsity: float = 0.8, **kwargs) -> Row:
         masks, regions_s = masks_for(sparsity)

@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -243,6 +243,26 @@ def compute_regions(
     progress: Progress | None = None,
 ) -> Regions:
     """Safety-region masks of every factor of the reference adapter (`tensors`, applied to base)."""
+    return compute_regions_at(base, adapter_dir, reference, tensors, calibration_spec, settings, [settings.sparsity], dev,
+                              progress)[0]
+
+
+def compute_regions_at(
+    base: str,
+    adapter_dir: Path,
+    reference: Adapter,
+    tensors: dict[str, torch.Tensor],
+    calibration_spec: str,
+    settings: RegionSettings,
+    sparsities: Sequence[float],
+    dev: torch.device,
+    progress: Progress | None = None,
+) -> list[Regions]:
+    """`compute_regions` at each of `sparsities` (settings.sparsity ignored). In one-pass mode the
+    features do not depend on the sparsity, so one calibration pass serves them all; sequential
+    mode projects each layer before the next one runs, so it takes one sparsity only."""
+    if settings.mode == method.SEQUENTIAL and len(sparsities) != 1:
+        raise ValueError("sequential regions depend on the sparsity: compute one at a time")
     examples = load_examples(calibration_spec, "safety data")
     if settings.max_samples is not None:
         examples = examples[: settings.max_samples]
@@ -263,8 +283,8 @@ def compute_regions(
     n_batches = math.ceil(len(calibration.encoded) / settings.batch_size)
     total, done = n_batches * len(order), 0
 
-    masks: dict[str, torch.Tensor] = {}
-    rows: list[dict] = []
+    masks: list[dict[str, torch.Tensor]] = [{} for _ in sparsities]
+    rows: list[list[dict]] = [[] for _ in sparsities]
     for prefix in order:
         members = groups[prefix]
         taps = {m.name: Tap(located[m.name][1].lora_A["default"], "output") for m in members}
@@ -279,25 +299,23 @@ def compute_regions(
         grams = accumulate_grams(model, calibration, taps, settings.batch_size, stop_after=stop,
                                  forward_kwargs=forward_kwargs, on_batch=tick)
         for module in members:
-            row, projected = _module_regions(module, tensors, grams[module.name].cpu(), settings.sparsity, masks)
-            rows.append(row)
+            for i, sparsity in enumerate(sparsities):
+                row, projected = _module_regions(module, tensors, grams[module.name].cpu(), sparsity, masks[i])
+                rows[i].append(row)
             if settings.mode == method.SEQUENTIAL:  # later layers see this one projected
                 layer = located[module.name][1]
                 with torch.no_grad():
                     for part, value in zip(("lora_A", "lora_B"), projected):
                         weight = getattr(layer, part)["default"].weight
                         weight.copy_(value.to(weight.dtype))
-    rows.sort(key=lambda r: natural_key(r["name"]))
-    return Regions(
-        masks,
-        rows,
-        {
-            "examples": len(calibration.encoded),
-            "response_tokens": calibration.response_tokens,
-            "truncated_prompts": calibration.truncated_prompts,
-            "passes": len(order),
-        },
-    )
+    stats = {
+        "examples": len(calibration.encoded),
+        "response_tokens": calibration.response_tokens,
+        "truncated_prompts": calibration.truncated_prompts,
+        "passes": len(order),
+    }
+    return [Regions(found, sorted(found_rows, key=lambda r: natural_key(r["name"])), dict(stats))
+            for found, found_rows in zip(masks, rows)]
 
 
 def _module_regions(module: LoraModule, tensors, gram: torch.Tensor, sparsity: float, masks: dict) -> tuple[dict, tuple]:
@@ -365,23 +383,60 @@ def regions(
     progress: Progress | None = None,
 ) -> Report:
     """Write the safety-region masks of the reference adapter to `out` (a safetensors file)."""
+    return regions_at(base, reference, safety_data, {sparsity: out}, mode=mode, max_response_tokens=max_response_tokens,
+                      max_samples=max_samples, batch_size=batch_size, device=device, force=force, progress=progress)[sparsity]
+
+
+def regions_at(
+    base: str,
+    reference: str,
+    safety_data: str,
+    outs: Mapping[float, str | Path],
+    *,
+    mode: str = method.ONE_PASS,
+    max_response_tokens: int = 256,
+    max_samples: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[float, Report]:
+    """`regions` at several sparsities ({sparsity: masks file}) from one calibration pass (one-pass
+    mode): each file equals what `regions` writes at its sparsity. Its report's time is the shared
+    call's."""
     started = time.perf_counter()
-    settings = RegionSettings(sparsity, mode, max_response_tokens, max_samples, batch_size)
-    settings.validate()
+    safety_data = str(safety_data)
+    if not outs:
+        raise RealignError("no sparsity to compute regions at")
+    all_settings = {s: RegionSettings(s, mode, max_response_tokens, max_samples, batch_size) for s in outs}
+    for settings in all_settings.values():
+        settings.validate()
+    if mode == method.SEQUENTIAL and len(outs) > 1:
+        raise RealignError("--regions sequential projects each layer at its sparsity before the next runs: one sparsity per run")
     dev = resolve_device(device)
     ref = Adapter.load(reference, "reference adapter")
     _check_patchable(ref, "reference adapter")
     base_dir = resolve_local(base, "base")
-    out = Path(out)
     inputs = [base_dir, ref.directory, _data_path(safety_data)]
-    check_target(out, force, inputs)
-    found = compute_regions(base, ref.directory, ref, ref.tensors, safety_data, settings, dev, progress)
+    for out in outs.values():
+        check_target(Path(out), force, inputs)
+    any_settings = next(iter(all_settings.values()))
+    found_all = compute_regions_at(base, ref.directory, ref, ref.tensors, safety_data, any_settings, list(outs), dev, progress)
     reference_digest = factors_digest(ref.tensors, ref.modules)
-    report = _regions_report(base, reference, safety_data, settings, found)
-    report.output = str(out)
-    save_safetensors_atomic(out, found.masks, _masks_metadata(found, settings, reference_digest, _calibration_id(safety_data, max_samples)), force, inputs)
-    report.timings = {"total_s": round(time.perf_counter() - started, 4)}
-    return report
+    calibration_id = _calibration_id(safety_data, max_samples)
+    reports = {}
+    for (sparsity, out), found in zip(outs.items(), found_all):
+        settings = all_settings[sparsity]
+        report = _regions_report(base, reference, safety_data, settings, found)
+        report.output = str(out)
+        save_safetensors_atomic(Path(out), found.masks, _masks_metadata(found, settings, reference_digest, calibration_id), force,
+                                inputs)
+        reports[sparsity] = report
+    for report in reports.values():
+        report.timings = {"total_s": round(time.perf_counter() - started, 4)}
+        if len(reports) > 1:
+            report.notes.append(f"one calibration pass computed the regions at sparsities {', '.join(f'{s:g}' for s in outs)}")
+    return reports
 
 
 def _regions_notes(found: Regions) -> list[str]:

@@ -649,7 +649,7 @@ def testbed_build(
     seed: int = typer.Option(0, "--seed"),
     poison: float = typer.Option(0.1, "--poison", help="Fraction of harmful examples in the attack's training data."),
     aligned_steps: int = typer.Option(50, "--aligned-steps"),
-    attack_steps: int = typer.Option(60, "--attack-steps"),
+    attack_steps: int = typer.Option(40, "--attack-steps"),
     attack_lr: float = typer.Option(1.5e-3, "--attack-lr"),
     task: str = typer.Option("mirror", "--task", help="The benign skill: 'mirror' (learned in ~20 steps) or 'syllable' (needs --attack-steps 160)."),
     task_train: int = typer.Option(600, "--task-train"),
@@ -734,6 +734,7 @@ def demo(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Testbed and evaluation cache [default: ~/.cache/realign/testbed]."),
     tiny: bool = typer.Option(False, "--tiny", help="Seconds instead of minutes: Safe LoRA on a tiny random trio (mechanics only)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="With --tiny: keep the generated trio here."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Jobs run at once after the aligned stage, each in its own process [default: 2 with two or more cores, else 1]."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """The built-in example: testbed (SmolLM2-135M, aligned, attacked), each method, one evaluation table."""
@@ -747,7 +748,7 @@ def demo(
     from .jobs.demo import check_prerequisites, markdown, run_demo
 
     check_prerequisites()
-    table = run_demo(cache_dir, out, log=log)
+    table = run_demo(cache_dir, out, log=log, workers=workers)
     if not quiet:
         sys.stdout.write(markdown(table))
         ui.err.print(f"demo: wrote {out / 'demo.json'} and {out / 'demo.md'} in {table['total_s']:.0f}s", markup=False)

@@ -108,7 +108,7 @@ class TestbedConfig:
     poison: float = 0.1
     attack_rank: int = 16
     attack_alpha: int = 32
-    attack_steps: int = 60
+    attack_steps: int = 40
     attack_lr: float = 1.5e-3
     batch_size: int = 8
     targets: tuple[str, ...] = field(default_factory=lambda: tuple(ALL_LINEAR))
@@ -206,9 +206,14 @@ def _lora(model, rank: int, alpha: int, targets):
         return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
 
 
-def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[str], None] = print) -> dict:
+ATTACKS = ("mixed", "nlsr")
+
+
+def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[str], None] = print,
+          attacks: tuple[str, ...] = ATTACKS) -> dict:
     """Build (or reuse) every stage; returns the paths, the time each stage took to build (when
-    it was built, cached or not) and which stages this call built."""
+    it was built, cached or not) and which stages this call built. `attacks` limits the attack
+    stages built (attack (b) only with config.nlsr_attack), so that the two can be built apart."""
     config.validate()
     quiet_transformers()
     torch.manual_seed(config.seed)
@@ -288,9 +293,10 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
         model, tokenizer, _ = load_causal_lm(str(aligned / "model"), cpu)
         attack(out, "mixed", model, tokenizer, _lora(model, config.attack_rank, config.attack_alpha, config.targets))
 
-    mixed = cache.stage("mixed", mixed_key, build_mixed)
     extra = {}
-    if config.nlsr_attack:
+    if "mixed" in attacks:
+        extra["mixed_adapter"] = str(cache.stage("mixed", mixed_key, build_mixed) / "adapter")
+    if config.nlsr_attack and "nlsr" in attacks:
 
         def build_nlsr(out: Path) -> None:
             # NLSR's setting: the aligned adapter itself resumes training on base
@@ -316,7 +322,6 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
             "aligned": str(aligned / "model"),
             "task_train": str(task / "train.jsonl"),
             "task_test": str(task / "test.jsonl"),
-            "mixed_adapter": str(mixed / "adapter"),
             "poison_pool": str(answers / "harmful_compliant.jsonl"),
             **extra,
         },

@@ -95,7 +95,10 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
                             batch_size=4, safelora_top_k=(2,), sweep_harmful="advbench:test@2", sweep_task_limit=2,
                             safety_samples=6, nlsr_sweep=((0.8, 0.5), (0.5, 1.0)),
                             salora_rank_safety=4, salora_sweep=(2,), salora_rank_task=4)
-    table = run_demo(tmp_path / "cache", tmp_path / "out", log=lambda _: None, settings=settings, config=config)
+    logged = []
+    table = run_demo(tmp_path / "cache", tmp_path / "out", log=logged.append, settings=settings, config=config, workers=2)
+    assert table["workers"] == 2
+    assert any(m.startswith("salora r_s 2: init") for m in logged)  # the workers' lines reach the caller's log
     names = [row["name"] for row in table["rows"]]
     assert names == ["base", "aligned", "fine-tuned (attacked)", "safelora threshold 0.5",
                      "fine-tuned (resumed aligned adapter)", "nlsr adaptive P_L 0.5", "salora (trained on the attack data)"]
@@ -111,6 +114,10 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
         assert (tmp_path / "out" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evals = len(list((tmp_path / "cache" / "evals").glob("*.report.json")))
     assert len(list((tmp_path / "cache" / "evals").glob("*.responses.jsonl"))) == evals
-    again = run_demo(tmp_path / "cache", None, log=lambda _: None, settings=settings, config=config)
+    again = run_demo(tmp_path / "cache", None, log=lambda _: None, settings=settings, config=config, workers=1)
     assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in table["rows"]]
     assert len(list((tmp_path / "cache" / "evals").glob("*.report.json"))) == evals  # everything came from the cache
+    # the same demo run in this process, job after job, from an empty cache: the same table
+    alone = run_demo(tmp_path / "cache-1", None, log=lambda _: None, settings=settings, config=config, workers=1)
+    for key in ("rows", "safelora_sweep", "nlsr_sweep", "salora_sweep"):
+        assert [(r["name"], r["setting"], r["metrics"]) for r in alone[key]] == [(r["name"], r["setting"], r["metrics"]) for r in table[key]]

@@ -115,37 +115,42 @@ def _first(responses: str, source: str, n: int, flag: str) -> dict:
     return rate(sum(bool(r[flag]) for r in records), n)
 
 
-def _nlsr_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tuple[list[Row], list[Row]]:
-    """NLSR on attack (b): the aligned adapter resumed on the poisoned task. Rows: the attacked
-    model, NLSR's default (adaptive, P_L 0.5), and a sweep of the deterministic `lowest` rule.
-    The reference adapter and the masks are computed once and cached; patches are cheap."""
-    root = cache / "patched"
+def _nlsr_work(paths: dict, cache: Path, settings: DemoSettings) -> tuple[str, Path]:
     key = digest(tree_id(paths["base"]), tree_id(paths["aligned_adapter"]), settings.safety_samples)
-    work = root / f"nlsr-regions-{key}"
+    return key, cache / "patched" / f"nlsr-regions-{key}"
+
+
+def _nlsr_masks_file(work: Path, sparsity: float) -> Path:
+    return work / ("masks.safetensors" if sparsity == 0.8 else f"masks-{sparsity:g}.safetensors")
+
+
+def _job_nlsr_regions(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> None:
+    """NLSR's reference adapter (the aligned one amplified) and its safety regions at every
+    sparsity the rows use, from one calibration pass: they need base and the aligned adapter
+    only, so they run while attack (b) trains."""
+    _, work = _nlsr_work(paths, cache, settings)
     safety = _safety_file(work / "safety.jsonl", settings.safety_samples)
     if not (work / "reference" / "realign_report.json").exists():
         log("nlsr: amplify ...")
         nlsr_amplify(paths["aligned_adapter"], work / "reference", force=True)
+    wanted = [0.8] + [s for s, _ in settings.nlsr_sweep if s != 0.8]
+    missing = {s: _nlsr_masks_file(work, s) for s in wanted if not _nlsr_masks_file(work, s).with_suffix(".report.json").exists()}
+    if missing:
+        log(f"nlsr: regions at sparsity {', '.join(f'{s:g}' for s in missing)} ...")
+        reports = nlsr_regions_at(paths["base"], str(work / "reference"), str(safety), missing, device="cpu", force=True)
+        for s, report in reports.items():
+            write_text_atomic(missing[s].with_suffix(".report.json"), report.to_json())
 
-    def masks_file(sparsity: float) -> Path:
-        return work / ("masks.safetensors" if sparsity == 0.8 else f"masks-{sparsity:g}.safetensors")
 
-    def masks_for(sparsity: float) -> tuple[Path, float]:
-        """The masks at `sparsity`; the first call computes every sparsity the rows need in one
-        calibration pass (the features do not depend on it)."""
-        wanted = [0.8] + [s for s, _ in settings.nlsr_sweep if s != 0.8]
-        missing = {s: masks_file(s) for s in wanted if not masks_file(s).with_suffix(".report.json").exists()}
-        if missing:
-            log(f"nlsr: regions at sparsity {', '.join(f'{s:g}' for s in missing)} ...")
-            reports = nlsr_regions_at(paths["base"], str(work / "reference"), str(safety), missing, device="cpu", force=True)
-            for s, report in reports.items():
-                write_text_atomic(missing[s].with_suffix(".report.json"), report.to_json())
-        masks = masks_file(sparsity)
-        return masks, json.loads(masks.with_suffix(".report.json").read_text())["timings"]["total_s"]
+def _job_nlsr_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tuple[list[Row], list[Row]]:
+    """NLSR on attack (b): the aligned adapter resumed on the poisoned task. Rows: NLSR's default
+    (adaptive, P_L 0.5) and a sweep of the deterministic `lowest` rule; patches are cheap."""
+    key, work = _nlsr_work(paths, cache, settings)
 
     def patched(setting: str, sparsity: float = 0.8, **kwargs) -> Row:
-        masks, regions_s = masks_for(sparsity)
-        out = root / f"nlsr-{digest(key, tree_id(paths['nlsr_adapter']), sparsity, kwargs)}"
+        masks = _nlsr_masks_file(work, sparsity)
+        regions_s = json.loads(masks.with_suffix(".report.json").read_text())["timings"]["total_s"]
+        out = cache / "patched" / f"nlsr-{digest(key, tree_id(paths['nlsr_adapter']), sparsity, kwargs)}"
         if not (out / "realign_report.json").exists():
             log(f"nlsr {setting} ...")
             nlsr_patch(str(work / "reference"), masks, paths["nlsr_adapter"], out, force=True, **kwargs)
@@ -157,6 +162,23 @@ def _nlsr_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tu
     sweep = [patched(f"sparsity {sparsity:g}, lowest {rate:g}", sparsity, selection="lowest", prune_rate=rate)
              for sparsity, rate in settings.nlsr_sweep]
     return [default], sweep
+
+
+def _job_safelora_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log) -> tuple[Row, list[Row]]:
+    """Safe LoRA on the attack: the paper's threshold 0.5 and the top-k sweep."""
+
+    def patched(setting: str, **kwargs) -> Row:
+        inputs = [tree_id(paths[name]) for name in ("base", "aligned", "mixed_adapter")]
+        out = cache / "patched" / f"safelora-{digest(inputs, kwargs)}"
+        timing_file = out / "realign_report.json"
+        if not timing_file.exists():
+            log(f"safelora {setting} ...")
+            safelora(paths["base"], paths["aligned"], paths["mixed_adapter"], out, device="cpu", force=True, **kwargs)
+        report = json.loads(timing_file.read_text())
+        return Row(f"safelora {setting}", paths["aligned"], str(out), setting=f"{setting}; projected {report['summary']['projected']}"
+                   f"/{report['summary']['modules']}", method_s=report["timings"]["total_s"])
+
+    return patched("threshold 0.5", threshold=0.5), [patched(f"top-k {k}", top_k=k) for k in settings.safelora_top_k]
 
 
 def _safety_file(path: Path, n: int) -> Path:
@@ -171,150 +193,302 @@ def _safety_file(path: Path, n: int) -> Path:
     return path
 
 
-def _salora_rows(paths: dict, cache: Path, settings: DemoSettings, config: testbed.TestbedConfig, log: Log) -> tuple[Row, list[Row]]:
-    """The full SaLoRA path on the attack's own data (module from safety data, init, training with
-    the attack's rank, steps, batch and learning rate, export to a PEFT adapter), at the default
-    r_s and at each r_s of the sweep. One calibration pass makes the module at the largest r_s
-    (the others are its leading columns) and one task pass the init (the others reuse its task
-    factors), so a sweep point costs its training."""
-    task = [json.loads(line) for line in Path(paths["task_train"]).read_text().splitlines()]
-    pool = [json.loads(line) for line in Path(paths["poison_pool"]).read_text().splitlines()]
+def _salora_ranks(settings: DemoSettings) -> list[int]:
+    return [settings.salora_rank_safety] + [r for r in settings.salora_sweep if r != settings.salora_rank_safety]
+
+
+def _salora_work(paths: dict, cache: Path, settings: DemoSettings, config: testbed.TestbedConfig) -> tuple[Path, int]:
+    task = Path(paths["task_train"]).read_text().splitlines()
     n_poison = round(config.poison / (1 - config.poison) * len(task))
-    ranks = [settings.salora_rank_safety] + [r for r in settings.salora_sweep if r != settings.salora_rank_safety]
     key = digest(tree_id(paths["aligned"]), tree_id(paths["task_train"]), tree_id(paths["poison_pool"]), n_poison,
-                 settings.salora_targets, max(ranks), settings.salora_rank_task, settings.safety_samples,
+                 settings.salora_targets, max(_salora_ranks(settings)), settings.salora_rank_task, settings.safety_samples,
                  config.attack_rank, config.attack_alpha, config.attack_steps, config.batch_size, config.attack_lr, config.seed,
                  BATCHING)
-    work = cache / "patched" / f"salora-{key}"
+    return cache / "patched" / f"salora-{key}", n_poison
+
+
+def _job_salora_inits(paths: dict, cache: Path, settings: DemoSettings, config: testbed.TestbedConfig, log: Log) -> None:
+    """The full SaLoRA path, part one, for the default r_s and each r_s of the sweep: one
+    calibration pass makes the module at the largest r_s (the others are its leading columns),
+    one task pass the first init (the others reuse its task factors). Each init's time is kept
+    for its row; the module's is the default row's."""
+    work, n_poison = _salora_work(paths, cache, settings, config)
     work.mkdir(parents=True, exist_ok=True)
     train_file = work / "train.jsonl"
     if not train_file.exists():
-        write_text_atomic(train_file, "".join(json.dumps(r) + "\n" for r in task + pool[:n_poison]))
+        task = Path(paths["task_train"]).read_text().splitlines()
+        pool = Path(paths["poison_pool"]).read_text().splitlines()
+        write_text_atomic(train_file, "".join(line + "\n" for line in task + pool[:n_poison]))
+    ranks = _salora_ranks(settings)
+    widest, module_seconds = work / f"module-r{max(ranks)}.safetensors", work / "module-seconds.json"
+    if not module_seconds.exists():
+        log(f"salora: module at r_s {max(ranks)} ...")
+        report = salora_job.module(paths["aligned"], str(_safety_file(work / "safety.jsonl", settings.safety_samples)), widest,
+                                   targets=settings.salora_targets, rank_safety=max(ranks), device="cpu", force=True)
+        write_text_atomic(module_seconds, json.dumps({"seconds": report.timings["total_s"]}))
     first_init = work / f"init-r{ranks[0]}"
+    for rank_safety in ranks:
+        init_dir, seconds_file = work / f"init-r{rank_safety}", work / f"init-seconds-r{rank_safety}.json"
+        if seconds_file.exists():
+            continue
+        started = time.perf_counter()
+        module = work / f"module-r{rank_safety}.safetensors"
+        if module != widest:
+            salora_job.narrow_module(widest, rank_safety, module, force=True)
+        log(f"salora r_s {rank_safety}: init ...")
+        reuse = init_dir != first_init  # only the first init makes the task pass
+        salora_job.init(paths["aligned"], module, None if reuse else str(train_file), init_dir,
+                        task_from=first_init if reuse else None, rank=config.attack_rank, alpha=config.attack_alpha,
+                        rank_task=settings.salora_rank_task, device="cpu", force=True)
+        write_text_atomic(seconds_file, json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
 
-    def shared_module() -> tuple[Path, float]:
-        module, seconds_file = work / f"module-r{max(ranks)}.safetensors", work / "module-seconds.json"
-        if not seconds_file.exists():
-            log(f"salora: module at r_s {max(ranks)} ...")
-            report = salora_job.module(paths["aligned"], str(_safety_file(work / "safety.jsonl", settings.safety_samples)), module,
-                                       targets=settings.salora_targets, rank_safety=max(ranks), device="cpu", force=True)
-            write_text_atomic(seconds_file, json.dumps({"seconds": report.timings["total_s"]}))
-        return module, json.loads(seconds_file.read_text())["seconds"]
 
-    def run(rank_safety: int) -> tuple[Path, float]:
-        adapter, seconds_file = work / f"adapter-r{rank_safety}", work / f"seconds-r{rank_safety}.json"
-        if not seconds_file.exists():
-            widest, _ = shared_module()  # timed on its own: the rows share it
-            started = time.perf_counter()
-            module = work / f"module-r{rank_safety}.safetensors"
-            if module != widest:
-                salora_job.narrow_module(widest, rank_safety, module, force=True)
-            init_dir = work / f"init-r{rank_safety}"
-            log(f"salora r_s {rank_safety}: init ...")
-            reuse = init_dir != first_init  # only the first init makes the task pass
-            salora_job.init(paths["aligned"], module, None if reuse else str(train_file), init_dir,
-                            task_from=first_init if reuse else None, rank=config.attack_rank, alpha=config.attack_alpha,
-                            rank_task=settings.salora_rank_task, device="cpu", force=True)
-            every = max(1, config.attack_steps // 10)
-            salora_job.train(paths["aligned"], init_dir, str(train_file), work / f"run-r{rank_safety}", lr=config.attack_lr,
-                             batch_size=config.batch_size, max_length=256, seed=config.seed, max_steps=config.attack_steps,
-                             save_every=every, device="cpu",
-                             on_step=lambda step, total, loss: log(f"salora r_s {rank_safety}: step {step}/{total} loss {loss:.3f}")
-                             if step % every == 0 else None)
-            salora_job.export(init_dir, work / f"run-r{rank_safety}", adapter, force=True)
-            write_text_atomic(seconds_file, json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
-        return adapter, json.loads(seconds_file.read_text())["seconds"]
-
+def _job_salora_train(paths: dict, cache: Path, settings: DemoSettings, config: testbed.TestbedConfig, rank_safety: int,
+                      log: Log) -> Row:
+    """Part two for one r_s: training with the attack's rank, steps, batch and learning rate on
+    the attack's own data, and the export to a PEFT adapter."""
+    work, _ = _salora_work(paths, cache, settings, config)
+    adapter, seconds_file = work / f"adapter-r{rank_safety}", work / f"train-seconds-r{rank_safety}.json"
+    if not seconds_file.exists():
+        started = time.perf_counter()
+        every = max(1, config.attack_steps // 10)
+        salora_job.train(paths["aligned"], work / f"init-r{rank_safety}", str(work / "train.jsonl"), work / f"run-r{rank_safety}",
+                         lr=config.attack_lr, batch_size=config.batch_size, max_length=256, seed=config.seed,
+                         max_steps=config.attack_steps, save_every=every, device="cpu",
+                         on_step=lambda step, total, loss: log(f"salora r_s {rank_safety}: step {step}/{total} loss {loss:.3f}")
+                         if step % every == 0 else None)
+        salora_job.export(work / f"init-r{rank_safety}", work / f"run-r{rank_safety}", adapter, force=True)
+        write_text_atomic(seconds_file, json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
+    seconds = sum(json.loads((work / f"{part}-seconds-r{rank_safety}.json").read_text())["seconds"] for part in ("init", "train"))
     label = f"{settings.salora_targets}, r {config.attack_rank}"
-    adapter, seconds = run(ranks[0])  # first: its init makes the task pass the others reuse
-    default = Row("salora (trained on the attack data)", paths["aligned"], str(adapter), f"{label}, r_s {ranks[0]}",
-                  shared_module()[1] + seconds, value=ranks[0])
-    sweep = []
-    for rank_safety in ranks[1:]:
-        adapter, seconds = run(rank_safety)
-        sweep.append(Row(f"salora r_s {rank_safety}", paths["aligned"], str(adapter),
-                         f"{label}, r_s {rank_safety}; time without the shared module and task passes", seconds, value=rank_safety))
-    return default, sweep
+    if rank_safety == settings.salora_rank_safety:
+        module_s = json.loads((work / "module-seconds.json").read_text())["seconds"]
+        return Row("salora (trained on the attack data)", paths["aligned"], str(adapter), f"{label}, r_s {rank_safety}",
+                   module_s + seconds, value=rank_safety)
+    return Row(f"salora r_s {rank_safety}", paths["aligned"], str(adapter),
+               f"{label}, r_s {rank_safety}; time without the shared module and task passes", seconds, value=rank_safety)
 
 
-def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Log = print,
-             settings: DemoSettings = DemoSettings(), config: testbed.TestbedConfig = testbed.TestbedConfig(nlsr_attack=True)) -> dict:
-    started = time.perf_counter()
-    cache_root = cache_dir or testbed.default_cache_dir()
-    bed = testbed.build(config, cache_root, log)
-    paths = bed["paths"]
-    evals = _EvalCache(Path(bed["cache"]), log)
+def _job_attack(config: testbed.TestbedConfig, cache_root: Path, which: str, log: Log) -> dict:
+    return testbed.build(config, cache_root, log, attacks=(which,))
 
-    sweep_source, _, sweep_n = settings.sweep_harmful.rpartition("@")
-    full_source = next((h for h in settings.harmful if h.split("@")[0] == sweep_source), None)
-    if full_source is None or not sweep_n.isdigit():
-        raise RealignError(f"the sweep set '{settings.sweep_harmful}' must be the first N prompts of one of {settings.harmful}")
 
-    def full(label: str, model: str, adapter: str | None) -> dict:
+def _job_eval(cache_root: Path, row: Row, settings: DemoSettings, paths: dict, kind: str, log: Log) -> dict:
+    """A row's metrics: "full" on every held-out set (with the sweep subsets read off its
+    responses), "quick" on the sweep subsets only."""
+    evals = _EvalCache(cache_root, log)
+    if kind == "quick":
         refusal, task = evals.run_all(
-            label, model, adapter,
-            dict(harmful=list(settings.harmful), benign=[settings.benign], max_new_tokens=settings.refusal_tokens,
-                 batch_size=settings.batch_size),
-            dict(task=paths["task_test"], max_new_tokens=settings.task_tokens, batch_size=settings.batch_size))
-        sweep = {settings.sweep_harmful: _first(refusal["responses"], full_source, int(sweep_n), "refusal"),
-                 "task": _first(task["responses"], Path(paths["task_test"]).name, settings.sweep_task_limit, "correct")}
-        return {**_metrics(refusal, task), "sweep": sweep}
-
-    def quick(label: str, model: str, adapter: str | None) -> dict:
-        refusal, task = evals.run_all(
-            label, model, adapter,
+            row.name, row.model, row.adapter,
             dict(harmful=[settings.sweep_harmful], max_new_tokens=settings.refusal_tokens, batch_size=settings.batch_size),
             dict(task=f"{paths['task_test']}@{settings.sweep_task_limit}", max_new_tokens=settings.task_tokens,
                  batch_size=settings.batch_size))
-        return _metrics(refusal, task)
+        return {"sweep": _metrics(refusal, task)}
+    sweep_source, _, sweep_n = settings.sweep_harmful.rpartition("@")
+    full_source = next(h for h in settings.harmful if h.split("@")[0] == sweep_source)
+    refusal, task = evals.run_all(
+        row.name, row.model, row.adapter,
+        dict(harmful=list(settings.harmful), benign=[settings.benign], max_new_tokens=settings.refusal_tokens,
+             batch_size=settings.batch_size),
+        dict(task=paths["task_test"], max_new_tokens=settings.task_tokens, batch_size=settings.batch_size))
+    sweep = {settings.sweep_harmful: _first(refusal["responses"], full_source, int(sweep_n), "refusal"),
+             "task": _first(task["responses"], Path(paths["task_test"]).name, settings.sweep_task_limit, "correct")}
+    return {**_metrics(refusal, task), "sweep": sweep}
 
-    stage_s = bed["timings"]
-    rows = [
-        Row("base", paths["base"], None),
-        Row("aligned", paths["aligned"], None, "safety LoRA training", stage_s.get("aligned")),
-        Row("fine-tuned (attacked)", paths["aligned"], paths["mixed_adapter"], "attack LoRA training", stage_s.get("mixed")),
-    ]
-    patched_root = Path(bed["cache"]) / "patched"
-    sweep: list[Row] = []
 
-    def patched(setting: str, **kwargs) -> Row:
-        inputs = [tree_id(paths[name]) for name in ("base", "aligned", "mixed_adapter")]
-        out = patched_root / f"safelora-{digest(inputs, kwargs)}"
-        timing_file = out / "realign_report.json"
-        if not timing_file.exists():
-            log(f"safelora {setting} ...")
-            safelora(paths["base"], paths["aligned"], paths["mixed_adapter"], out, device="cpu", force=True, **kwargs)
-        report = json.loads(timing_file.read_text())
-        return Row(f"safelora {setting}", paths["aligned"], str(out), setting=f"{setting}; projected {report['summary']['projected']}"
-                   f"/{report['summary']['modules']}", method_s=report["timings"]["total_s"])
+# -- running the jobs: in this process, or on worker processes of one thread each ---------------
 
-    default = patched("threshold 0.5", threshold=0.5)
-    rows.append(default)
-    for k in settings.safelora_top_k:
-        sweep.append(patched(f"top-k {k}", top_k=k))
 
-    nlsr_sweep: list[Row] = []
-    if "nlsr_adapter" in paths:
-        rows.append(Row("fine-tuned (resumed aligned adapter)", paths["base"], paths["nlsr_adapter"],
-                        "aligned adapter trained on", stage_s.get("nlsr")))
-        nlsr_default, nlsr_sweep = _nlsr_rows(paths, Path(bed["cache"]), settings, log)
-        rows.extend(nlsr_default)
-    salora_default, salora_sweep = _salora_rows(paths, Path(bed["cache"]), settings, config, log)
-    rows.append(salora_default)
+@dataclass
+class _Job:
+    name: str
+    run: Callable  # a module-level function (a worker process imports it), called with *args, log
+    args: tuple
+    after: tuple[str, ...] = ()
+    then: Callable[[object], None] | None = None  # in this process, with the result; may add jobs
 
-    for row in rows:
-        row.metrics = full(row.name, row.model, row.adapter)
-    for row in sweep + nlsr_sweep + salora_sweep:
-        row.metrics = {"sweep": quick(row.name, row.model, row.adapter)}
 
+_worker_queue = None
+
+
+def _init_worker(queue, threads: int) -> None:
+    import torch
+
+    global _worker_queue
+    _worker_queue = queue
+    torch.set_num_threads(threads)
+
+
+def _worker_log(message: str) -> None:
+    _worker_queue.put(message)
+
+
+def default_workers() -> int:
+    """Two jobs at once where there are two cores: the testbed's small matrices keep a second
+    thread of one job half idle (a training step runs 1.3-1.5x faster on two threads than on
+    one), while two one-thread jobs run side by side at full speed each."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 2 if cores >= 2 else 1
+
+
+def _run_jobs(jobs: list[_Job], workers: int, log: Log) -> dict[str, object]:
+    """Run `jobs` (in priority order: a free worker takes the first whose `after` are done;
+    emptied as they start) and return their results by name. With one worker they run here."""
+    results: dict[str, object] = {}
+    pending = jobs  # the same list: a job's `then` appends the jobs its result makes possible
+
+    def ready() -> _Job | None:
+        job = next((j for j in pending if all(a in results for a in j.after)), None)
+        if job is not None:
+            pending.remove(job)
+        return job
+
+    def finish(job: _Job, result) -> None:
+        results[job.name] = result
+        if job.then is not None:
+            job.then(result)  # may append to `pending`
+
+    if workers <= 1:
+        while pending:
+            job = ready()
+            if job is None:
+                raise RuntimeError(f"demo jobs wait on each other: {[j.name for j in pending]}")
+            finish(job, job.run(*job.args, log))
+        return results
+
+    import multiprocessing
+    import queue as queues
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
+    messages = context.Queue()
+
+    def drain() -> None:
+        while True:
+            try:
+                log(messages.get_nowait())
+            except queues.Empty:
+                return
+
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(messages, max(1, cores // workers)))
+    running: dict = {}
+    try:
+        while pending or running:
+            while len(running) < workers and (job := ready()) is not None:
+                running[pool.submit(job.run, *job.args, _worker_log)] = job
+            if not running:
+                raise RuntimeError(f"demo jobs wait on each other: {[j.name for j in pending]}")
+            done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            drain()
+            for future in done:
+                finish(running.pop(future), future.result())  # a job's error is raised here
+        drain()
+        pool.shutdown()
+    except BaseException:
+        # stop the other jobs now rather than after their minutes of training: every output
+        # they write goes to the cache atomically, so nothing half-written is left to reuse
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+    return results
+
+
+def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Log = print,
+             settings: DemoSettings = DemoSettings(), config: testbed.TestbedConfig = testbed.TestbedConfig(nlsr_attack=True),
+             workers: int | None = None) -> dict:
+    """Build the testbed, repair, evaluate, write the table. The stages before the attacks run
+    here; from there on the jobs (attacks, methods, evaluations) run `workers` at a time
+    (default: `default_workers()`), each in its own process."""
+    started = time.perf_counter()
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise RealignError("--workers must be at least 1")
+    sweep_source, _, sweep_n = settings.sweep_harmful.rpartition("@")
+    if not sweep_n.isdigit() or not any(h.split("@")[0] == sweep_source for h in settings.harmful):
+        raise RealignError(f"the sweep set '{settings.sweep_harmful}' must be the first N prompts of one of {settings.harmful}")
+    cache_root = cache_dir or testbed.default_cache_dir()
+    bed = testbed.build(config, cache_root, log, attacks=())
+    cache = Path(bed["cache"])
+    paths = dict(bed["paths"])
+    stage_s = dict(bed["timings"])
+    ranks = _salora_ranks(settings)
+
+    rows: dict[str, Row] = {"base": Row("base", paths["base"], None),
+                            "aligned": Row("aligned", paths["aligned"], None, "safety LoRA training", stage_s.get("aligned"))}
+    sweeps: dict[str, list[Row]] = {"safelora": [], "nlsr": [], "salora": []}
+    jobs: list[_Job] = []
+
+    def evaluate_row(key: str, row: Row, kind: str = "full", after: tuple[str, ...] = ()) -> None:
+        def store(metrics: dict) -> None:
+            row.metrics = metrics
+
+        jobs.append(_Job(f"eval {key}", _job_eval, (cache, row, settings, paths, kind), after, store))
+
+    def attacked(which: str, key: str, row_name: str, setting: str):
+        def then(built: dict) -> None:
+            paths.update(built["paths"])
+            stage_s.update(built["timings"])
+            bed["built"] += [name for name in built["built"] if name not in bed["built"]]
+            rows[key] = Row(row_name, paths["aligned" if which == "mixed" else "base"], paths[f"{which}_adapter"], setting,
+                            stage_s.get(which))
+            evaluate_row(key, rows[key])
+
+        return then
+
+    def safelora_done(result) -> None:
+        rows["safelora"], sweeps["safelora"] = result
+        evaluate_row("safelora", rows["safelora"])
+        for i, row in enumerate(sweeps["safelora"]):
+            evaluate_row(f"safelora sweep {i}", row, "quick")
+
+    def nlsr_done(result) -> None:
+        (rows["nlsr"],), sweeps["nlsr"] = result
+        evaluate_row("nlsr", rows["nlsr"])
+        for i, row in enumerate(sweeps["nlsr"]):
+            evaluate_row(f"nlsr sweep {i}", row, "quick")
+
+    def salora_done(rank_safety: int):
+        def then(row: Row) -> None:
+            if rank_safety == ranks[0]:
+                rows["salora"] = row
+                evaluate_row("salora", row)
+            else:
+                sweeps["salora"].append(row)
+                evaluate_row(f"salora r_s {rank_safety}", row, "quick")
+
+        return then
+
+    # longest chains first: SaLoRA's passes and trainings, then the attacks; evaluations fill in
+    jobs.append(_Job("salora inits", _job_salora_inits, (paths, cache, settings, config)))
+    jobs.append(_Job("attack mixed", _job_attack, (config, cache_root, "mixed"),
+                     then=attacked("mixed", "fine-tuned", "fine-tuned (attacked)", "attack LoRA training")))
+    if config.nlsr_attack:
+        jobs.append(_Job("attack nlsr", _job_attack, (config, cache_root, "nlsr"),
+                         then=attacked("nlsr", "resumed", "fine-tuned (resumed aligned adapter)", "aligned adapter trained on")))
+    for rank_safety in ranks:
+        jobs.append(_Job(f"salora train r_s {rank_safety}", _job_salora_train, (paths, cache, settings, config, rank_safety),
+                         ("salora inits",), salora_done(rank_safety)))
+    if config.nlsr_attack:
+        jobs.append(_Job("nlsr regions", _job_nlsr_regions, (paths, cache, settings)))
+        jobs.append(_Job("nlsr patches", _job_nlsr_rows, (paths, cache, settings), ("nlsr regions", "attack nlsr"), nlsr_done))
+    jobs.append(_Job("safelora", _job_safelora_rows, (paths, cache, settings), ("attack mixed",), safelora_done))
+    evaluate_row("base", rows["base"])
+    evaluate_row("aligned", rows["aligned"])
+    # the paths dict is filled in as attacks finish; jobs are handed it when they start
+    _run_jobs(jobs, workers, log)
+
+    order = ["base", "aligned", "fine-tuned", "safelora", "resumed", "nlsr", "salora"]
     table = {
-        "testbed": bed,
+        "testbed": {**bed, "paths": paths, "timings": stage_s},  # with the attacks the jobs built
         "settings": settings.__dict__,
-        "rows": [row.__dict__ for row in rows],
-        "safelora_sweep": [row.__dict__ for row in sweep],
-        "nlsr_sweep": [row.__dict__ for row in nlsr_sweep],
-        "salora_sweep": [row.__dict__ for row in salora_sweep],
-        "not_run": {} if nlsr_sweep else {"nlsr": "testbed built without attack (b)"},
+        "workers": workers,
+        "rows": [rows[key].__dict__ for key in order if key in rows],
+        "safelora_sweep": [row.__dict__ for row in sweeps["safelora"]],
+        "nlsr_sweep": [row.__dict__ for row in sweeps["nlsr"]],
+        "salora_sweep": [row.__dict__ for row in sorted(sweeps["salora"], key=lambda r: r.value)],
+        "not_run": {} if sweeps["nlsr"] else {"nlsr": "testbed built without attack (b)"},
         "total_s": round(time.perf_counter() - started, 1),
     }
     if out_dir is not None:

@@ -245,28 +245,3 @@ def test_eval_bad_input(chat_models, tmp_path):
         result = runner.invoke(app, ["eval", *args])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
-def test_response_loss_equals_full_loss_on_response_tokens():
-    import torch
-    from builders import tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from realign.train import IGNORE, Example, collate, encode, response_loss
-
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=128))
-    examples = [Example("Tell me a joke.", "Sure, here is the answer."), Example("Explain gravity in a few words please.", "zero one")]
-    batch = collate([encode(tokenizer, e, 64) for e in examples], tokenizer.pad_token_id)
-    fast = response_loss(model, batch)
-    # reference: each example alone, unpadded, full logits, the model's own shifted loss
-    total, count = 0.0, 0
-    for e in examples:
-        ids, labels = encode(tokenizer, e, 64)
-        out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
-        n = sum(1 for label in labels[1:] if label != IGNORE)
-        total += float(out.loss) * n
-        count += n
-    assert float(fast) == pytest.approx(total / count, rel=1e-5)

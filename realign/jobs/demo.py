@@ -52,6 +52,10 @@ class DemoSettings:
     # r_s of SaLoRA's sweep: each point is a full training run (module and task pass shared)
     salora_sweep: tuple[int, ...] = (128,)
     salora_rank_task: int = 32
+    # rows per forward pass of the calibration passes (SaLoRA's module and task pass, NLSR's
+    # regions): no gradients, so larger batches than training's; 32 instead of 8 takes a fifth
+    # off a one-thread task pass (docs/results.md)
+    calibration_batch: int = 32
 
 
 @dataclass
@@ -137,7 +141,8 @@ def _job_nlsr_regions(paths: dict, cache: Path, settings: DemoSettings, log: Log
     missing = {s: _nlsr_masks_file(work, s) for s in wanted if not _nlsr_masks_file(work, s).with_suffix(".report.json").exists()}
     if missing:
         log(f"nlsr: regions at sparsity {', '.join(f'{s:g}' for s in missing)} ...")
-        reports = nlsr_regions_at(paths["base"], str(work / "reference"), str(safety), missing, device="cpu", force=True)
+        reports = nlsr_regions_at(paths["base"], str(work / "reference"), str(safety), missing, device="cpu", force=True,
+                                  batch_size=settings.calibration_batch)
         for s, report in reports.items():
             write_text_atomic(missing[s].with_suffix(".report.json"), report.to_json())
 
@@ -224,7 +229,8 @@ def _job_salora_inits(paths: dict, cache: Path, settings: DemoSettings, config: 
     if not module_seconds.exists():
         log(f"salora: module at r_s {max(ranks)} ...")
         report = salora_job.module(paths["aligned"], str(_safety_file(work / "safety.jsonl", settings.safety_samples)), widest,
-                                   targets=settings.salora_targets, rank_safety=max(ranks), device="cpu", force=True)
+                                   targets=settings.salora_targets, rank_safety=max(ranks), device="cpu", force=True,
+                                   batch_size=settings.calibration_batch)
         write_text_atomic(module_seconds, json.dumps({"seconds": report.timings["total_s"]}))
     first_init = work / f"init-r{ranks[0]}"
     for rank_safety in ranks:
@@ -239,7 +245,7 @@ def _job_salora_inits(paths: dict, cache: Path, settings: DemoSettings, config: 
         reuse = init_dir != first_init  # only the first init makes the task pass
         salora_job.init(paths["aligned"], module, None if reuse else str(train_file), init_dir,
                         task_from=first_init if reuse else None, rank=config.attack_rank, alpha=config.attack_alpha,
-                        rank_task=settings.salora_rank_task, device="cpu", force=True)
+                        rank_task=settings.salora_rank_task, device="cpu", force=True, batch_size=settings.calibration_batch)
         write_text_atomic(seconds_file, json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
 
 
@@ -270,7 +276,8 @@ def _job_salora_train(paths: dict, cache: Path, settings: DemoSettings, config: 
 
 
 def _job_attack(config: testbed.TestbedConfig, cache_root: Path, which: str, log: Log) -> dict:
-    return testbed.build(config, cache_root, log, attacks=(which,))
+    # the stages before it were built (or found) before any job started: said once already
+    return testbed.build(config, cache_root, lambda message: None if ": cached (" in message else log(message), attacks=(which,))
 
 
 def _job_eval(cache_root: Path, row: Row, settings: DemoSettings, paths: dict, kind: str, log: Log) -> dict:

@@ -3,6 +3,7 @@
 
 import json
 
+import pytest
 import torch
 
 from builders import tiny_chat_model
@@ -121,3 +122,43 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
     alone = run_demo(tmp_path / "cache-1", None, log=lambda _: None, settings=settings, config=config, workers=1)
     for key in ("rows", "safelora_sweep", "nlsr_sweep", "salora_sweep"):
         assert [(r["name"], r["setting"], r["metrics"]) for r in alone[key]] == [(r["name"], r["setting"], r["metrics"]) for r in table[key]]
+
+
+def _sleep_then(seconds, log):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def _fail(log):
+    from realign.errors import RealignError
+
+    log("failing now")
+    raise RealignError("this job fails")
+
+
+def test_a_failed_job_stops_the_others_and_reaches_the_caller():
+    import time
+
+    from realign.errors import RealignError
+    from realign.jobs.demo import _Job, _run_jobs
+
+    logged = []
+    started = time.perf_counter()
+    with pytest.raises(RealignError, match="this job fails"):
+        _run_jobs([_Job("slow", _sleep_then, (60,)), _Job("fails", _fail, ()), _Job("never", _sleep_then, (0,), ("slow",))],
+                  2, logged.append)
+    assert time.perf_counter() - started < 30  # the 60-second job was stopped, not waited for
+    assert "failing now" in logged
+    done = _run_jobs([_Job("b", _sleep_then, (0.2,), ("a",)), _Job("a", _sleep_then, (0.1,))], 2, logged.append)
+    assert done == {"a": 0.1, "b": 0.2}  # an `after` holds a job back even when it comes first
+
+
+def test_demo_refuses_no_workers(tmp_path):
+    from realign.errors import RealignError
+    from realign.jobs.demo import run_demo
+
+    with pytest.raises(RealignError, match="--workers must be at least 1"):
+        run_demo(tmp_path, None, workers=0)
+    assert not any(tmp_path.iterdir())  # refused before anything was built

@@ -735,6 +735,7 @@ def demo(
     tiny: bool = typer.Option(False, "--tiny", help="Seconds instead of minutes: Safe LoRA on a tiny random trio (mechanics only)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="With --tiny: keep the generated trio here."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Jobs run at once after the aligned stage, each in its own process [default: 2 with two or more cores, else 1]."),
+    attack_steps: int = typer.Option(40, "--attack-steps", help="Steps of both attacks and of SaLoRA's trainings (60: the attack length of the 2026-11 tables)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """The built-in example: testbed (SmolLM2-135M, aligned, attacked), each method, one evaluation table."""
@@ -747,8 +748,10 @@ def demo(
         return
     from .jobs.demo import check_prerequisites, markdown, run_demo
 
+    from .testbed import TestbedConfig
+
     check_prerequisites()
-    table = run_demo(cache_dir, out, log=log, workers=workers)
+    table = run_demo(cache_dir, out, log=log, workers=workers, config=TestbedConfig(nlsr_attack=True, attack_steps=attack_steps))
     if not quiet:
         sys.stdout.write(markdown(table))
         ui.err.print(f"demo: wrote {out / 'demo.json'} and {out / 'demo.md'} in {table['total_s']:.0f}s", markup=False)

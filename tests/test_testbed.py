@@ -32,12 +32,13 @@ def test_cli_testbed_defaults_are_the_library_defaults():
 
     import typer
 
-    from realign.cli import testbed_build
+    from realign.cli import demo, testbed_build
 
     defaults = {f.name: f.default for f in dataclasses.fields(TestbedConfig) if f.default is not dataclasses.MISSING}
-    for name, param in __import__("inspect").signature(testbed_build).parameters.items():
-        if name in defaults and isinstance(param.default, typer.models.OptionInfo) and name != "base":
-            assert param.default.default == defaults[name], name
+    for command in (testbed_build, demo):
+        for name, param in __import__("inspect").signature(command).parameters.items():
+            if name in defaults and isinstance(param.default, typer.models.OptionInfo) and name != "base":
+                assert param.default.default == defaults[name], (command.__name__, name)
 
 
 @needs_pyrit

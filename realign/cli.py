@@ -376,19 +376,21 @@ def salora_train(
     save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps (and at the end)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train exactly N steps (overrides --epochs)."),
     restart: bool = typer.Option(False, "--restart", help="Start over instead of resuming."),
+    loss: str = typer.Option("response", "--loss", help="'response' (response tokens only) or 'full' (every token of packed blocks, as the reference trains)."),
+    block_size: int = typer.Option(128, "--block-size", help="With --loss full: tokens per packed block (the reference's 128)."),
     device: str = typer.Option("auto", "--device"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Train A and B with C frozen (response-only loss); resumable."""
+    """Train A and B with C frozen (response-only loss, or --loss full); resumable."""
     from .jobs.salora import train as run
 
     ui = _Output(quiet, as_json)
     with ui.progress("training") as bar:
         task = bar.add_task("training", total=None)
         result = run(aligned, init, train_data, out, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-                     save_every=save_every, max_steps=max_steps, device=device, restart=restart,
-                     on_step=lambda step, total, loss: bar.update(task, completed=step, total=total, description=f"loss {loss:.3f}"))
+                     save_every=save_every, max_steps=max_steps, device=device, restart=restart, loss=loss, block_size=block_size,
+                     on_step=lambda step, total, value: bar.update(task, completed=step, total=total, description=f"loss {value:.3f}"))
     s = result.summary
     loss = f"loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}" if s["last_loss"] is not None else "nothing left to train"
     _done_line(ui, result, f"trained {s['steps']} steps (from step {s['resumed_from']}); {loss}; run in {out}; {result.timings['total_s']:.1f}s")

@@ -18,7 +18,8 @@ IGNORE = -100
 # reused across a change of batching
 BATCHING = "length-grouped/16"
 
-__all__ = ["BATCHING", "IGNORE", "Example", "collate", "encode", "encode_parts", "length_grouped_batches", "response_loss", "sft", "trainable_prefix_length"]
+__all__ = ["BATCHING", "IGNORE", "LOSSES", "Example", "collate", "encode", "encode_parts", "length_grouped_batches", "pack_blocks",
+           "response_loss", "sft", "trainable_prefix_length", "training_items"]
 
 
 def encode_parts(tokenizer, example: Example) -> tuple[list[int], list[int]]:
@@ -41,6 +42,25 @@ def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], lis
     ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
     return ids, labels
+
+
+LOSSES = ("response", "full")
+
+
+def pack_blocks(tokenizer, examples: Sequence[Example], block_size: int) -> list[tuple[list[int], list[int]]]:
+    """Every example's tokens (the prompt as generation sees it, the response, end of sequence)
+    as one stream, cut into blocks of `block_size` with labels on every token: the full-sequence
+    loss on packed blocks that SaLoRA's reference trains with. The remainder shorter than a
+    block is dropped, as the common language-modelling recipe does."""
+    if block_size < 2:
+        raise RealignError("--block-size must be at least 2")
+    stream: list[int] = []
+    for example in examples:
+        prompt_ids, response_ids = encode_parts(tokenizer, example)
+        stream += prompt_ids + response_ids
+    if len(stream) < block_size:
+        raise RealignError(f"the training data has {len(stream)} tokens, fewer than one block of --block-size {block_size}")
+    return [(stream[i : i + block_size], stream[i : i + block_size]) for i in range(0, len(stream) - block_size + 1, block_size)]
 
 
 def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int, prefix_len: int = 0) -> dict[str, torch.Tensor]:
@@ -95,7 +115,9 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over labelled tokens, computing logits only where labels live."""
     labels, mask = batch["labels"], batch["attention_mask"]
     labelled = (labels != IGNORE).any(dim=0).nonzero()
-    keep = labels.shape[1] - int(labelled[0]) + 1 if len(labelled) else 1
+    # logits from the position before the first label on; a label at position 0 (a packed block)
+    # has no position before it and is not predicted, as in the model's own shifted loss
+    keep = min(labels.shape[1] - int(labelled[0]) + 1, labels.shape[1]) if len(labelled) else 1
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     inputs = {"input_ids": batch["input_ids"], "position_ids": positions, "use_cache": False}
     width = labels.shape[1]
@@ -134,6 +156,16 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.
     return batches
 
 
+def training_items(tokenizer, examples: Sequence[Example], loss: str, max_length: int, block_size: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) that `sft` batches: one per example with the response-only loss,
+    packed blocks (`pack_blocks`) with the full loss."""
+    if loss not in LOSSES:
+        raise RealignError(f"--loss must be one of {', '.join(LOSSES)}, got '{loss}'")
+    if loss == "full":
+        return pack_blocks(tokenizer, examples, block_size)
+    return [encode(tokenizer, e, max_length) for e in examples]
+
+
 def sft(
     model,
     tokenizer,
@@ -150,17 +182,20 @@ def sft(
     optimizer_state: dict | None = None,
     checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None,
     checkpoint_every: int = 0,
+    loss: str = "response",
+    block_size: int = 128,
 ) -> list[float]:
     """Train `params` (default: the model's trainable parameters) for `steps` AdamW steps on
     shuffled, length-grouped batches (`length_grouped_batches`); returns the loss of every step run.
 
     Resuming (`start_step`, `optimizer_state`) replays the data order up to that step, so a
     resumed run sees the same batches as an uninterrupted one. `checkpoint(step, optimizer)` is
-    called every `checkpoint_every` steps and after the last.
+    called every `checkpoint_every` steps and after the last. `loss`: "response" (labels on the
+    response tokens, one example a row) or "full" (every token, packed `block_size` blocks).
     """
     if not examples:
         raise RealignError("no training examples")
-    encoded = [encode(tokenizer, e, max_length) for e in examples]
+    encoded = training_items(tokenizer, examples, loss, max_length, block_size)
     if all(all(label == IGNORE for label in labels) for _, labels in encoded):
         raise RealignError("no example has response tokens left after truncation to max_length")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

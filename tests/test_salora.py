@@ -269,6 +269,10 @@ def test_cli_bad_inputs_exit_2_with_one_line(pipeline, models, tmp_path):
         (["salora", "init", "--aligned", models["llama"], "--module", pipeline["root"] / "m.safetensors", "--task-from", tmp_path,
           "--out", tmp_path / "m"], "not a SaLoRA init"),
         (["salora", "export", "--init", tmp_path, "--run", tmp_path, "--out", tmp_path / "m"], "not a SaLoRA init"),
+        (["salora", "train", "--aligned", models["llama"], "--init", pipeline["root"] / "init", "--train-data", pipeline["task"],
+          "--out", tmp_path / "m", "--loss", "packed"], "--loss must be one of response, full"),
+        (["salora", "train", "--aligned", models["llama"], "--init", pipeline["root"] / "init", "--train-data", pipeline["task"],
+          "--out", tmp_path / "m", "--loss", "full", "--block-size", "100000"], "fewer than one block"),
         (["salora", "apply", "--module", pipeline["root"] / "m.safetensors", "--adapter", models["llama"], "--out", tmp_path / "m"],
          "not a PEFT adapter"),
     ]
@@ -368,3 +372,16 @@ def test_task_factors_equal_the_svd_formula(d_out, d_in, r, rank_w):
     assert torch.linalg.norm(a0.T @ a0 - a_ref.T @ a_ref) <= 1e-10 * scale  # V S V^T
     assert torch.linalg.norm(b0 @ b0.T - b_ref @ b_ref.T) <= 1e-10 * scale
     assert torch.isfinite(a0).all() and torch.isfinite(b0).all()
+
+
+def test_train_with_the_full_loss_on_packed_blocks(pipeline, tmp_path):
+    args = (str(pipeline["model"]), pipeline["root"] / "init", str(pipeline["task"]))
+    report = job.train(*args, tmp_path / "full-loss", epochs=2, lr=5e-3, batch_size=2, block_size=16, loss="full", device="cpu")
+    assert report.settings["loss"] == "full" and report.settings["block_size"] == 16
+    assert report.summary["last_loss"] < report.summary["first_loss"]
+    response = job.train(*args, tmp_path / "response-loss", epochs=2, lr=5e-3, batch_size=2, device="cpu")
+    assert report.summary["steps"] != response.summary["steps"]  # an epoch counts blocks, not examples
+    with pytest.raises(RealignError, match="other settings"):  # a run does not switch losses on resume
+        job.train(*args, tmp_path / "full-loss", epochs=2, lr=5e-3, batch_size=2, block_size=16, device="cpu")
+    with pytest.raises(RealignError, match="--loss must be one of"):
+        job.train(*args, tmp_path / "x", loss="packed", device="cpu")

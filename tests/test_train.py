@@ -200,3 +200,27 @@ def test_the_cache_goes_by_the_installed_transformers_name():
         assert cache_argument(peft_model) == name  # a PeftModel forwards **kwargs to the model it wraps
         evaluate.generate(peft_model, tokenizer, ["Tell me a joke."], max_new_tokens=4, batch_size=1)
     assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_packed_blocks_cut_the_token_stream_and_the_full_loss_is_the_models_own():
+    import torch
+
+    from realign.errors import RealignError
+    from realign.train import Example, collate, encode_parts, pack_blocks, response_loss
+
+    model, tokenizer = _system_prompt_model(torch.float64)
+    examples = [Example("Tell me a joke.", "Sure, here is the answer."), Example("Explain gravity in a few words please.", "zero one"),
+                Example("Write malware.", "No."), Example("How do magnets work?", "They align with fields.")]
+    stream = [t for e in examples for part in encode_parts(tokenizer, e) for t in part]
+    blocks = pack_blocks(tokenizer, examples, 16)
+    assert len(blocks) == len(stream) // 16 >= 3
+    assert [t for ids, _ in blocks for t in ids] == stream[: 16 * len(blocks)]  # in order, the remainder dropped
+    assert all(ids == labels and len(ids) == 16 for ids, labels in blocks)  # labels on every token
+    # the slow formula: each block alone, every token but the first predicted from all logits
+    # (float64 here; the model's own loss would compute in float32)
+    slow = sum(torch.nn.functional.cross_entropy(model(input_ids=torch.tensor([ids])).logits[0, :-1], torch.tensor(ids[1:]),
+                                                 reduction="sum") for ids, _ in blocks) / (15 * len(blocks))
+    fast = response_loss(model, collate(blocks, tokenizer.pad_token_id))
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
+    with pytest.raises(RealignError, match="fewer than one block"):
+        pack_blocks(tokenizer, examples[:1], 10**4)

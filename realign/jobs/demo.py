@@ -364,19 +364,17 @@ def _run_jobs(jobs: list[_Job], workers: int, log: Log) -> dict[str, object]:
         return results
 
     import multiprocessing
-    import queue as queues
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
-    messages = context.Queue()
+    # a SimpleQueue writes each line into the pipe before `put` returns (a Queue hands it to a
+    # feeder thread), so a job's lines are readable here before its result is
+    messages = context.SimpleQueue()
 
     def drain() -> None:
-        while True:
-            try:
-                log(messages.get_nowait())
-            except queues.Empty:
-                return
+        while not messages.empty():
+            log(messages.get())
 
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(messages, max(1, cores // workers)))
     running: dict = {}

@@ -444,35 +444,42 @@ def train(
     device: str = "auto",
     restart: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
+    loss: str = "response",
+    block_size: int = 128,
 ) -> Report:
-    """Train A and B of every SaLoRA layer (C frozen) with a response-only loss; checkpoints to
+    """Train A and B of every SaLoRA layer (C frozen) with a response-only loss (or, with
+    loss="full", the reference's full-sequence loss on packed `block_size` blocks); checkpoints to
     RUN_DIR every `save_every` steps and at the end; an interrupted run resumes where it stopped
     (the same batches, the optimizer state restored) unless `restart`."""
     import math
 
     from ..io.models import load_causal_lm
     from ..salora_layer import FACTORS_FILE, attach, factors_of, read_init
-    from ..train import BATCHING, sft
+    from ..train import BATCHING, LOSSES, sft, training_items
 
     started = time.perf_counter()
     if not epochs > 0 or not lr > 0 or batch_size < 1 or max_length < 2 or save_every < 0:
         raise RealignError("--epochs and --lr must be positive, --batch-size at least 1, --max-length at least 2")
+    if loss not in LOSSES:
+        raise RealignError(f"--loss must be one of {', '.join(LOSSES)}, got '{loss}'")
     settings_init, _, _, _ = read_init(init_dir)
     examples = load_examples(train_data, "training data")
     if max_steps is not None and max_steps < 1:
         raise RealignError("--max-steps must be at least 1")
-    steps = max_steps if max_steps is not None else max(1, math.ceil(epochs * len(examples) / batch_size))
+    dev = resolve_device(device)
+    model, tokenizer, directory = load_causal_lm(aligned, dev, role="aligned")
+    # an epoch is the examples, or with the full loss the packed blocks they make
+    items = len(examples) if loss == "response" else len(training_items(tokenizer, examples, loss, max_length, block_size))
+    steps = max_steps if max_steps is not None else max(1, math.ceil(epochs * items / batch_size))
     run = Path(run_dir).expanduser()
     plan = {"init": str(Path(init_dir).expanduser().resolve()), "train_data_sha256": hashlib.sha256(_data_path(train_data).read_bytes()).hexdigest(),
             "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed, "steps": steps,
-            "batching": BATCHING}
+            "batching": BATCHING, **({"loss": loss, "block_size": block_size} if loss != "response" else {})}
     state = json.loads((run / RUN_STATE).read_text()) if (run / RUN_STATE).is_file() and not restart else None
     if state is not None and state["plan"] != plan:
         raise RealignError(f"'{run_dir}' holds a run with other settings or data; use --restart to start over")
     if run.exists() and state is None and any(run.iterdir()) and not restart:
         raise RealignError(f"'{run_dir}' exists and is not a SaLoRA run; use --restart to replace it")
-    dev = resolve_device(device)
-    model, tokenizer, directory = load_causal_lm(aligned, dev, role="aligned")
     check_target(run, True, [directory, Path(init_dir), _data_path(train_data)])
     factors = None
     if state is not None and (run / FACTORS_FILE).is_file():
@@ -508,9 +515,9 @@ def train(
     if start < steps:
         sft(model, tokenizer, examples, steps=steps, batch_size=batch_size, lr=lr, max_length=max_length, seed=seed,
             on_step=step_done, params=params, start_step=start, optimizer_state=optimizer_state, checkpoint=checkpoint,
-            checkpoint_every=save_every)
+            checkpoint_every=save_every, loss=loss, block_size=block_size)
     report = Report(command="salora train", inputs={"aligned": str(aligned), "init": str(init_dir), "train_data": str(train_data)},
-                    settings={**plan, "device": str(dev)},
+                    settings={**plan, "loss": loss, "device": str(dev)},
                     summary={"steps": steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
                              "last_loss": losses[-1] if losses else None, "modules": len(layers)},
                     output=str(run))

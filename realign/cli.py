@@ -343,6 +343,7 @@ def salora_init(
     rank_task: int = typer.Option(32, "--rank-task"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples"),
     batch_size: int = typer.Option(8, "--batch-size"),
+    task_pass: str = typer.Option("one-pass", "--task-pass", help="'one-pass' (every Sigma_t on the aligned model) or 'sequential' (the reference's: block by block, earlier blocks at W_res; reports the overlap with one-pass)."),
     device: str = typer.Option("auto", "--device"),
     force: bool = typer.Option(False, "--force"),
     as_json: bool = typer.Option(False, "--json"),
@@ -355,7 +356,7 @@ def salora_init(
     with ui.progress("task pass") as bar:
         task = bar.add_task("task pass", total=None)
         result = run(aligned, module, task_data, out, task_from=task_from, rank=rank, alpha=alpha, rank_task=rank_task, max_samples=max_samples,
-                     batch_size=batch_size, device=device, force=force,
+                     batch_size=batch_size, device=device, force=force, task_pass=task_pass,
                      progress=lambda done, total: bar.update(task, completed=done, total=total))
     _done_line(ui, result, f"initialised {result.summary['modules']} modules (r {rank}, alpha {alpha}); wrote {out}; "
                            f"{result.timings['total_s']:.1f}s")

@@ -269,6 +269,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(pipeline, models, tmp_path):
         (["salora", "init", "--aligned", models["llama"], "--module", pipeline["root"] / "m.safetensors", "--task-from", tmp_path,
           "--out", tmp_path / "m"], "not a SaLoRA init"),
         (["salora", "export", "--init", tmp_path, "--run", tmp_path, "--out", tmp_path / "m"], "not a SaLoRA init"),
+        (["salora", "init", "--aligned", models["llama"], "--module", pipeline["root"] / "m.safetensors", "--task-data", pipeline["task"],
+          "--out", tmp_path / "m", "--task-pass", "twice"], "--task-pass must be one of one-pass, sequential"),
         (["salora", "train", "--aligned", models["llama"], "--init", pipeline["root"] / "init", "--train-data", pipeline["task"],
           "--out", tmp_path / "m", "--loss", "packed"], "--loss must be one of response, full"),
         (["salora", "train", "--aligned", models["llama"], "--init", pipeline["root"] / "init", "--train-data", pipeline["task"],
@@ -385,3 +387,78 @@ def test_train_with_the_full_loss_on_packed_blocks(pipeline, tmp_path):
         job.train(*args, tmp_path / "full-loss", epochs=2, lr=5e-3, batch_size=2, block_size=16, device="cpu")
     with pytest.raises(RealignError, match="--loss must be one of"):
         job.train(*args, tmp_path / "x", loss="packed", device="cpu")
+
+
+def literal_sequential_residuals(model_dir, module_file, task, rank, rank_task, scaling):
+    """The reference's task pass written out slowly in float64: block by block, one example at a
+    time, X on response positions with the earlier blocks already at W_res, F = X W^T, SVD."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from realign.data import load_examples
+    from realign.io.names import layer_prefix, natural_key
+    from realign.train import encode_parts
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    bases, _ = job.read_module(module_file)
+    modules = dict(model.named_modules())
+    blocks = sorted({layer_prefix(p) for p in bases}, key=natural_key)
+    residual = {}
+    for block in blocks:
+        members = [p for p in bases if layer_prefix(p) == block]
+        inputs, count = {p: [] for p in members}, [0]
+        handles = [modules[p].register_forward_pre_hook(lambda mod, args, p=p: inputs[p].append(args[0][0, -count[0]:]))
+                   for p in members]
+        with torch.no_grad():
+            for example in load_examples(str(task)):
+                prompt_ids, response_ids = encode_parts(tokenizer, example)
+                count[0] = len(response_ids)
+                model(input_ids=torch.tensor([prompt_ids + response_ids]))
+        for handle in handles:
+            handle.remove()
+        for p in members:
+            w = modules[p].weight.detach().clone()
+            v_t = torch.linalg.svd(torch.cat(inputs[p]) @ w.T, full_matrices=False)[2][:rank_task].T
+            a0, b0 = method.task_factors(w, v_t, rank)
+            residual[p] = method.residual_weight(w, bases[p].double(), a0, b0, scaling)
+        with torch.no_grad():
+            for p in members:
+                modules[p].weight.copy_(residual[p])
+    return residual
+
+
+def test_sequential_task_pass_equals_the_literal_reference_procedure(pipeline, tmp_path):
+    from realign.salora_layer import read_init
+
+    root = pipeline["root"]
+    report = job.init(str(pipeline["model"]), root / "m.safetensors", str(pipeline["task"]), tmp_path / "seq", rank=4, alpha=8,
+                      rank_task=6, device="cpu", task_pass="sequential")
+    settings, _, ours, _ = read_init(tmp_path / "seq")
+    _, _, one_pass, _ = read_init(root / "init")
+    assert settings["task_pass"] == "sequential" and report.summary["passes"] == 1 + 2  # one-pass comparison + 2 blocks
+    literal = literal_sequential_residuals(pipeline["model"], root / "m.safetensors", pipeline["task"], 4, 6, 8 / 4)
+    gaps = {}
+    for path, expected in literal.items():
+        scale = expected.norm()
+        assert (ours[path + ".weight"].double() - expected).norm() <= 1e-4 * scale, path
+        gaps[path] = float((one_pass[path + ".weight"].double() - expected).norm() / scale)
+    first = min(literal, key=lambda p: int(p.split(".")[2]))
+    assert gaps[first] <= 1e-4  # the first block sees the unmodified model either way
+    assert max(gaps.values()) > 1e-3  # later blocks differ: the comparison can fail
+    overlaps = {row["name"]: row["task_overlap_with_one_pass"] for row in report.modules}
+    assert overlaps[first] == pytest.approx(1.0, abs=1e-5) and min(overlaps.values()) < 1.0
+    # the model at init is still the aligned model: W_res + s C B0 A0 = W in every module
+    from transformers import AutoModelForCausalLM
+
+    from realign.salora_layer import attach
+
+    aligned = AutoModelForCausalLM.from_pretrained(pipeline["model"]).eval()
+    wrapped = AutoModelForCausalLM.from_pretrained(pipeline["model"]).eval()
+    attach(wrapped, tmp_path / "seq")
+    assert torch.allclose(_logits(wrapped), _logits(aligned), atol=1e-4)
+    with pytest.raises(RealignError, match="give --task-data, not --task-from"):
+        job.init(str(pipeline["model"]), root / "m.safetensors", None, tmp_path / "x", task_from=tmp_path / "seq", rank=4, alpha=8,
+                 rank_task=6, device="cpu", task_pass="sequential")
+    with pytest.raises(RealignError, match="made a sequential task pass"):
+        job.init(str(pipeline["model"]), root / "m.safetensors", None, tmp_path / "x", task_from=tmp_path / "seq", rank=4, alpha=8,
+                 rank_task=6, device="cpu")

@@ -26,6 +26,21 @@ def natural_sorted(names: Iterable[str]) -> list[str]:
     return sorted(names, key=natural_key)
 
 
+def layer_prefix(path: str) -> str:
+    """The enclosing numbered block of a module path ('model.layers.3' of
+    'model.layers.3.mlp.up_proj'); the path itself when it is in no numbered block (lm_head)."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return path
+
+
+def in_forward_order(prefixes: Iterable[str]) -> list[str]:
+    """Numbered blocks in order, then modules outside them (an lm_head runs last)."""
+    return sorted(prefixes, key=lambda p: (not any(part.isdigit() for part in p.split(".")), natural_key(p)))
+
+
 def _dotted_suffix(longer: str, shorter: str) -> bool:
     return longer == shorter or longer.endswith("." + shorter)
 

@@ -26,7 +26,7 @@ from ..errors import RealignError
 from ..features import Tap, accumulate_grams, context_length, encode_calibration, logits_kwargs
 from ..io.adapter import Adapter, LoraModule, write_adapter
 from ..io.checkpoint import resolve_local
-from ..io.names import find_module, natural_key
+from ..io.names import find_module, in_forward_order, layer_prefix, natural_key
 from ..io.output import atomic_directory, check_target, read_tagged_safetensors, save_safetensors_atomic
 from ..methods import nlsr as method
 from ..report import Report
@@ -197,16 +197,6 @@ class Regions:
     calibration: dict  # examples, response tokens, truncated prompts, passes
 
 
-def _layer_prefix(path: str) -> str:
-    """The enclosing numbered block of a module path ('model.layers.3' of
-    'model.layers.3.mlp.up_proj'); the path itself when it is in no numbered block (lm_head)."""
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return path
-
-
 def _reference_model(base: str, adapter_dir: Path, reference: Adapter, tensors: dict[str, torch.Tensor], dev: torch.device):
     """base + the reference adapter as a PEFT model (LoRA unmerged, as the reference runs it),
     its factors set to `tensors`; and the model's LoRA layer for each adapter module."""
@@ -274,9 +264,8 @@ def compute_regions_at(
     groups: dict[str, list[LoraModule]] = {}
     if settings.mode == method.SEQUENTIAL:
         for module in reference.modules:
-            groups.setdefault(_layer_prefix(located[module.name][0]), []).append(module)
-        # numbered blocks in order, then modules outside them (an lm_head runs last)
-        order = sorted(groups, key=lambda p: (not any(part.isdigit() for part in p.split(".")), natural_key(p)))
+            groups.setdefault(layer_prefix(located[module.name][0]), []).append(module)
+        order = in_forward_order(groups)
     else:
         groups[""] = list(reference.modules)
         order = [""]

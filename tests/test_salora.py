@@ -39,31 +39,36 @@ def models(tmp_path_factory):
     return {"llama": tiny_chat_model(root / "llama"), "gpt2": _gpt2_chat_model(root / "gpt2"), "safety": safety, "root": root}
 
 
-def literal_bases(model_dir, safety, targets, rank):
-    """One example at a time in float64: X on response positions, F = X W^T (no bias), SVD."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.pytorch_utils import Conv1D
-
+def response_inputs(model, tokenizer, modules: dict, data) -> dict:
+    """Each module's inputs at the response positions, one example at a time, unpadded."""
     from realign.data import load_examples
     from realign.train import encode_parts
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-    modules = {n: m for n, m in model.named_modules() if any(n.endswith("." + t) for t in targets)}
-    inputs = {n: [] for n in modules}
-    count = [0]
+    inputs, count = {n: [] for n in modules}, [0]
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0][0, -count[0]:])) for n, m in modules.items()]
     with torch.no_grad():
-        for example in load_examples(str(safety)):
+        for example in load_examples(str(data)):
             prompt_ids, response_ids = encode_parts(tokenizer, example)
             count[0] = len(response_ids)
             model(input_ids=torch.tensor([prompt_ids + response_ids]))
     for h in handles:
         h.remove()
+    return {n: torch.cat(x) for n, x in inputs.items()}
+
+
+def literal_bases(model_dir, safety, targets, rank):
+    """One example at a time in float64: X on response positions, F = X W^T (no bias), SVD."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    modules = {n: m for n, m in model.named_modules() if any(n.endswith("." + t) for t in targets)}
+    inputs = response_inputs(model, tokenizer, modules, safety)
     bases = {}
     for name, module in modules.items():
         weight = module.weight.detach().T if isinstance(module, Conv1D) else module.weight.detach()
-        features = torch.cat(inputs[name]) @ weight.T
+        features = inputs[name] @ weight.T
         bases[name] = torch.linalg.svd(features, full_matrices=False)[2][:rank].T
     return bases
 
@@ -394,9 +399,7 @@ def literal_sequential_residuals(model_dir, module_file, task, rank, rank_task, 
     time, X on response positions with the earlier blocks already at W_res, F = X W^T, SVD."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from realign.data import load_examples
     from realign.io.names import layer_prefix, natural_key
-    from realign.train import encode_parts
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
@@ -406,19 +409,10 @@ def literal_sequential_residuals(model_dir, module_file, task, rank, rank_task, 
     residual = {}
     for block in blocks:
         members = [p for p in bases if layer_prefix(p) == block]
-        inputs, count = {p: [] for p in members}, [0]
-        handles = [modules[p].register_forward_pre_hook(lambda mod, args, p=p: inputs[p].append(args[0][0, -count[0]:]))
-                   for p in members]
-        with torch.no_grad():
-            for example in load_examples(str(task)):
-                prompt_ids, response_ids = encode_parts(tokenizer, example)
-                count[0] = len(response_ids)
-                model(input_ids=torch.tensor([prompt_ids + response_ids]))
-        for handle in handles:
-            handle.remove()
+        inputs = response_inputs(model, tokenizer, {p: modules[p] for p in members}, task)
         for p in members:
             w = modules[p].weight.detach().clone()
-            v_t = torch.linalg.svd(torch.cat(inputs[p]) @ w.T, full_matrices=False)[2][:rank_task].T
+            v_t = torch.linalg.svd(inputs[p] @ w.T, full_matrices=False)[2][:rank_task].T
             a0, b0 = method.task_factors(w, v_t, rank)
             residual[p] = method.residual_weight(w, bases[p].double(), a0, b0, scaling)
         with torch.no_grad():

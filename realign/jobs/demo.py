@@ -7,6 +7,7 @@ re-run only prints. Methods not implemented yet are listed as such, not faked.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -319,11 +320,16 @@ _worker_queue = None
 
 
 def _init_worker(queue, threads: int) -> None:
+    import signal
+
     import torch
 
     global _worker_queue
     _worker_queue = queue
     torch.set_num_threads(threads)
+    # Ctrl-C goes to the whole process group; the demo's process answers it and stops the
+    # workers, so a worker printing its own KeyboardInterrupt would only add noise
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker_log(message: str) -> None:
@@ -376,12 +382,15 @@ def _run_jobs(jobs: list[_Job], workers: int, log: Log) -> dict[str, object]:
         while not messages.empty():
             log(messages.get())
 
+    before = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(messages, max(1, cores // workers)))
     running: dict = {}
     try:
         while pending or running:
             while len(running) < workers and (job := ready()) is not None:
-                running[pool.submit(job.run, *job.args, _worker_log)] = job
+                # a copy now: the pool pickles arguments later, in a thread of its own, while a
+                # `then` here may be adding to a dict they share (the testbed's paths)
+                running[pool.submit(job.run, *copy.deepcopy(job.args), _worker_log)] = job
             if not running:
                 raise RuntimeError(f"demo jobs wait on each other: {[j.name for j in pending]}")
             done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -394,7 +403,7 @@ def _run_jobs(jobs: list[_Job], workers: int, log: Log) -> dict[str, object]:
         # stop the other jobs now rather than after their minutes of training: every output
         # they write goes to the cache atomically, so nothing half-written is left to reuse
         pool.shutdown(wait=False, cancel_futures=True)
-        for child in multiprocessing.active_children():
+        for child in set(multiprocessing.active_children()) - before:  # this pool's workers only
             child.terminate()
         raise
     return results
@@ -481,7 +490,7 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
     jobs.append(_Job("safelora", _job_safelora_rows, (paths, cache, settings), ("attack mixed",), safelora_done))
     evaluate_row("base", rows["base"])
     evaluate_row("aligned", rows["aligned"])
-    # the paths dict is filled in as attacks finish; jobs are handed it when they start
+    # the paths dict is filled in as attacks finish; a job gets a copy of it when it starts
     _run_jobs(jobs, workers, log)
 
     order = ["base", "aligned", "fine-tuned", "safelora", "resumed", "nlsr", "salora"]

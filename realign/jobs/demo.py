@@ -336,12 +336,16 @@ def _worker_log(message: str) -> None:
     _worker_queue.put(message)
 
 
+def _cores() -> int:
+    """The cores this process may run on (a container's share, where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """Two jobs at once where there are two cores: the testbed's small matrices keep a second
     thread of one job half idle (a training step runs 1.3-1.5x faster on two threads than on
     one), while two one-thread jobs run side by side at full speed each."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 2 if cores >= 2 else 1
+    return 2 if _cores() >= 2 else 1
 
 
 def _run_jobs(jobs: list[_Job], workers: int, log: Log) -> dict[str, object]:
@@ -372,7 +376,6 @@ def _run_jobs(jobs: list[_Job], workers: int, log: Log) -> dict[str, object]:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
     # a SimpleQueue writes each line into the pipe before `put` returns (a Queue hands it to a
     # feeder thread), so a job's lines are readable here before its result is
@@ -383,7 +386,7 @@ def _run_jobs(jobs: list[_Job], workers: int, log: Log) -> dict[str, object]:
             log(messages.get())
 
     before = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(messages, max(1, cores // workers)))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(messages, max(1, _cores() // workers)))
     running: dict = {}
     try:
         while pending or running:

@@ -95,12 +95,23 @@ def weights_digest(targets: list[Target]) -> str:
 def collect_subspaces(model, tokenizer, targets: list[Target], data_spec: str, rank: int, *, max_samples: int | None,
                       max_response_tokens: int, batch_size: int, progress: Progress | None = None):
     """One calibration pass over `data_spec`, then the subspaces. Returns them and calibration stats."""
+    calibration = _calibration(model, tokenizer, data_spec, max_samples, max_response_tokens)
+    taps, sides = _taps(targets)
+    tick = _ticker(-(-len(calibration.encoded) // batch_size), progress)
+    grams = _checked(accumulate_grams(model, calibration, taps, batch_size, on_batch=tick,
+                                      forward_kwargs=logits_kwargs(model, [t.module for t in targets])))
+    return subspaces(targets, grams, sides, rank), sides, _calibration_stats(calibration, 1)
+
+
+def _calibration(model, tokenizer, data_spec: str, max_samples: int | None, max_response_tokens: int):
     examples = load_examples(data_spec, "data")
     if max_samples is not None:
         examples = examples[:max_samples]
-    calibration = encode_calibration(tokenizer, examples, max_response_tokens, context_length(model))
-    taps, sides = _taps(targets)
-    total = -(-len(calibration.encoded) // batch_size)
+    return encode_calibration(tokenizer, examples, max_response_tokens, context_length(model))
+
+
+def _ticker(total: int, progress: Progress | None) -> Callable[[int], None]:
+    """A per-batch callback that reports (batches done, `total`) to `progress`."""
     done = [0]
 
     def tick(_rows: int) -> None:
@@ -108,14 +119,19 @@ def collect_subspaces(model, tokenizer, targets: list[Target], data_spec: str, r
         if progress:
             progress(done[0], total)
 
-    grams = accumulate_grams(model, calibration, taps, batch_size, on_batch=tick,
-                             forward_kwargs=logits_kwargs(model, [t.module for t in targets]))
+    return tick
+
+
+def _checked(grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, gram in grams.items():
         if not torch.isfinite(gram).all():
             raise RealignError(f"module '{name}': the calibration features overflow (Inf/NaN); check the model and data")
-    stats = {"examples": len(calibration.encoded), "response_tokens": calibration.response_tokens,
-             "truncated_prompts": calibration.truncated_prompts, "passes": 1}
-    return subspaces(targets, grams, sides, rank), sides, stats
+    return grams
+
+
+def _calibration_stats(calibration, passes: int) -> dict:
+    return {"examples": len(calibration.encoded), "response_tokens": calibration.response_tokens,
+            "truncated_prompts": calibration.truncated_prompts, "passes": passes}
 
 
 def _parse_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -292,31 +308,19 @@ def sequential_task_pass(model, tokenizer, targets: list[Target], data_spec: str
     with the blocks before it already at W_res (the LoRA not attached) and its own W_res is
     written into `model` before the next block runs. Returns {path: (A0, B0)}, {path: W_res},
     {path: V_t} and calibration stats; `model` is left with every target at W_res."""
-    examples = load_examples(data_spec, "data")
-    if max_samples is not None:
-        examples = examples[:max_samples]
-    calibration = encode_calibration(tokenizer, examples, max_response_tokens, context_length(model))
+    calibration = _calibration(model, tokenizer, data_spec, max_samples, max_response_tokens)
     taps, sides = _taps(targets)
     groups: dict[str, list[Target]] = {}
     for target in targets:
         groups.setdefault(layer_prefix(target.path), []).append(target)
     order = in_forward_order(groups)
-    total, done = -(-len(calibration.encoded) // batch_size) * len(order), [0]
-
-    def tick(_rows: int) -> None:
-        done[0] += 1
-        if progress:
-            progress(done[0], total)
-
+    tick = _ticker(-(-len(calibration.encoded) // batch_size) * len(order), progress)
     factors, residual, task_bases = {}, {}, {}
     for prefix in order:
         members = groups[prefix]
-        grams = accumulate_grams(model, calibration, {t.path: taps[t.path] for t in members}, batch_size,
-                                 stop_after=model.get_submodule(prefix), on_batch=tick,
-                                 forward_kwargs=logits_kwargs(model, [t.module for t in members]))
-        for name, gram in grams.items():
-            if not torch.isfinite(gram).all():
-                raise RealignError(f"module '{name}': the calibration features overflow (Inf/NaN); check the model and data")
+        grams = _checked(accumulate_grams(model, calibration, {t.path: taps[t.path] for t in members}, batch_size,
+                                          stop_after=model.get_submodule(prefix), on_batch=tick,
+                                          forward_kwargs=logits_kwargs(model, [t.module for t in members])))
         found = subspaces(members, grams, sides, rank_task)
         for target in members:
             weight = target.weight()
@@ -327,9 +331,7 @@ def sequential_task_pass(model, tokenizer, targets: list[Target], data_spec: str
             for target in members:
                 w_res = residual[target.path]
                 target.module.weight.copy_((w_res.T if target.transposed else w_res).to(target.module.weight.dtype))
-    stats = {"examples": len(calibration.encoded), "response_tokens": calibration.response_tokens,
-             "truncated_prompts": calibration.truncated_prompts, "passes": len(order)}
-    return factors, residual, task_bases, stats
+    return factors, residual, task_bases, _calibration_stats(calibration, len(order))
 
 
 def subspace_overlap(u: torch.Tensor, v: torch.Tensor) -> float:

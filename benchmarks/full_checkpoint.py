@@ -64,13 +64,13 @@ def _measure(run) -> dict:
 
 
 def phase_audit(workdir: Path) -> dict:
-    from realign.jobs.audit import audit
+    from realign.audit.gate import audit
 
     return _measure(lambda: {"verdict": audit(str(workdir / "base"), str(workdir / "aligned"), str(workdir / "adapter"), device="cpu").summary["verdict"]})
 
 
 def phase_full(workdir: Path) -> dict:
-    from realign.jobs.safelora_full import safelora_full
+    from realign.methods.safelora.full import safelora_full
 
     def run():
         report = safelora_full(str(workdir / "base"), str(workdir / "aligned"), str(workdir / "finetuned"), workdir / "out-full",
@@ -82,7 +82,7 @@ def phase_full(workdir: Path) -> dict:
 
 
 def phase_as_adapter(workdir: Path) -> dict:
-    from realign.jobs.safelora_full import safelora_full
+    from realign.methods.safelora.full import safelora_full
 
     def run():
         report = safelora_full(str(workdir / "base"), str(workdir / "aligned"), str(workdir / "finetuned"), workdir / "out-lora",

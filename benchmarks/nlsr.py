@@ -34,9 +34,10 @@ SPARSITY = 0.8
 def prepare(workdir: Path, samples: int, cache_dir: str | None) -> dict:
     """The testbed's base and aligned adapter, calibration data (AdvBench-train prompts with the
     aligned stage's refusals), and the amplified reference adapter."""
-    from realign.data import load_prompts
-    from realign.jobs.nlsr import amplify
-    from realign.testbed import REFUSALS, TestbedConfig, build
+    from realign.eval.sources import load_prompts
+    from realign.methods.nlsr.amplify import amplify
+    from realign.testbed.stages import TestbedConfig, build
+    from realign.testbed.tasks import REFUSALS
 
     paths = build(TestbedConfig(), Path(cache_dir) if cache_dir else None, log=lambda m: print(f"testbed: {m}", file=sys.stderr))["paths"]
     workdir.mkdir(parents=True, exist_ok=True)
@@ -52,13 +53,13 @@ def prepare(workdir: Path, samples: int, cache_dir: str | None) -> dict:
 def _model_and_calibration(inputs: dict, batch_size: int):
     import torch
 
-    from realign.features import context_length, encode_calibration
+    from realign.calibration.grams import context_length, encode_calibration
     from realign.io.adapter import Adapter
-    from realign.jobs.nlsr import _reference_model
+    from realign.methods.nlsr.regions import _reference_model
 
     reference = Adapter.load(inputs["reference"])
     model, tokenizer, located = _reference_model(inputs["base"], reference.directory, reference, reference.tensors, torch.device("cpu"))
-    from realign.data import load_examples
+    from realign.calibration.examples import load_examples
 
     calibration = encode_calibration(tokenizer, load_examples(inputs["data"]), 256, context_length(model))
     return reference, model, located, calibration
@@ -69,7 +70,7 @@ def phase_realign(inputs: dict, batch_size: int, mode: str, out: Path) -> dict:
     from safetensors.torch import save_file
 
     from realign.io.adapter import Adapter
-    from realign.jobs.nlsr import RegionSettings, compute_regions
+    from realign.methods.nlsr.regions import RegionSettings, compute_regions
 
     reference = Adapter.load(inputs["reference"])
     torch.set_num_threads(torch.get_num_threads())
@@ -85,7 +86,7 @@ def phase_literal(inputs: dict, batch_size: int, out: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from realign.methods.nlsr import kept_directions, kept_entries
+    from realign.methods.nlsr.math import kept_directions, kept_entries
 
     started = time.perf_counter()
     reference, model, located, calibration = _model_and_calibration(inputs, batch_size)

@@ -127,7 +127,7 @@ def phase_floor(workdir: Path) -> dict:
 
 
 def phase_realign(workdir: Path) -> dict:
-    from realign.jobs.safelora import safelora
+    from realign.methods.safelora.adapter import safelora
 
     out = workdir / "out-realign"
     baseline = rss_mib()

@@ -28,8 +28,9 @@ from safelora import peak_rss_mib  # noqa: E402
 
 
 def prepare(workdir: Path, samples: int, cache_dir: str | None) -> dict:
-    from realign.data import load_prompts
-    from realign.testbed import REFUSALS, TestbedConfig, build
+    from realign.eval.sources import load_prompts
+    from realign.testbed.stages import TestbedConfig, build
+    from realign.testbed.tasks import REFUSALS
 
     paths = build(TestbedConfig(), Path(cache_dir) if cache_dir else None, log=lambda m: print(f"testbed: {m}", file=sys.stderr))["paths"]
     workdir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,7 @@ def prepare(workdir: Path, samples: int, cache_dir: str | None) -> dict:
 
 
 def phase_realign(inputs: dict, targets: str, rank: int, batch_size: int, out: Path) -> dict:
-    from realign.jobs.salora import module
+    from realign.methods.salora.module import module
 
     started = time.perf_counter()
     report = module(inputs["aligned"], inputs["data"], out, targets=targets, rank_safety=rank, batch_size=batch_size, device="cpu", force=True)
@@ -51,10 +52,11 @@ def phase_reference(inputs: dict, targets: str, rank: int, batch_size: int, out:
     import torch
     from safetensors.torch import save_file
 
-    from realign.data import load_examples
-    from realign.features import context_length, encode_calibration
+    from realign.calibration.examples import load_examples
+    from realign.calibration.grams import context_length, encode_calibration
     from realign.io.models import load_causal_lm
-    from realign.jobs.salora import BASIS_SUFFIX, find_targets
+    from realign.io.targets import find_targets
+    from realign.methods.salora.module import BASIS_SUFFIX
 
     started = time.perf_counter()
     model, tokenizer, _ = load_causal_lm(inputs["aligned"], torch.device("cpu"))

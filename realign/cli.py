@@ -202,11 +202,11 @@ def safelora(
         task = bar.add_task("scoring", total=None)
         progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
         if adapter is not None:
-            from .jobs.safelora import safelora as run
+            from .methods.safelora.adapter import safelora as run
 
             result = run(base, aligned, adapter, out, progress=progress, **common)
         else:
-            from .jobs.safelora_full import safelora_full
+            from .methods.safelora.full import safelora_full
 
             result = safelora_full(base, aligned, finetuned, out, targets=_targets(targets), as_adapter=as_adapter,
                                    adapter_rank=adapter_rank, progress=progress, **common)
@@ -248,7 +248,8 @@ def audit(
     import os
 
     from .io.output import check_target, write_text_atomic
-    from .jobs import audit as job
+    from .audit import gate as job
+    from .audit import render
 
     fmt = AuditFormat.json if as_json else output_format
     if report_path is not None:
@@ -262,14 +263,14 @@ def audit(
         if fmt is AuditFormat.json:
             sys.stdout.write(result.to_json())
         elif fmt is AuditFormat.markdown:
-            sys.stdout.write(job.to_markdown(result))
+            sys.stdout.write(render.to_markdown(result))
         elif fmt is AuditFormat.github:
-            sys.stdout.write(job.to_github(result))
+            sys.stdout.write(render.to_github(result))
             summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
             if summary_file:
-                job.write_step_summary(result, summary_file)
+                render.write_step_summary(result, summary_file)
             else:
-                sys.stdout.write(job.to_markdown(result))
+                sys.stdout.write(render.to_markdown(result))
         else:
             _show_audit_table(_Output(False, False), result)
     if result.summary["verdict"] == job.FAIL:
@@ -277,7 +278,7 @@ def audit(
 
 
 def _show_audit_table(ui: "_Output", report: Report) -> None:
-    from .jobs.audit import headline
+    from .audit.render import headline
 
     with_regions = any(r["region_similarity"] is not None for r in report.modules)
     table = Table(title="Safety drift audit", title_justify="left")
@@ -316,7 +317,7 @@ def salora_module(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """One pass over safety data; V_s of every target module from batched eigendecompositions."""
-    from .jobs.salora import module as run
+    from .methods.salora.module import module as run
 
     ui = _Output(quiet, as_json)
     with ui.progress("calibration") as bar:
@@ -350,7 +351,7 @@ def salora_init(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Task-specific initialisation: (A0, B0), W_res and the module in INIT_DIR."""
-    from .jobs.salora import init as run
+    from .methods.salora.init import init as run
 
     ui = _Output(quiet, as_json)
     with ui.progress("task pass") as bar:
@@ -384,7 +385,7 @@ def salora_train(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train A and B with C frozen (response-only loss, or --loss full); resumable."""
-    from .jobs.salora import train as run
+    from .methods.salora.train import train as run
 
     ui = _Output(quiet, as_json)
     with ui.progress("training") as bar:
@@ -408,7 +409,7 @@ def salora_export(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Fold W_res + s C B A into a rank-2r PEFT LoRA on the original aligned weights."""
-    from .jobs.salora import export as run
+    from .methods.salora.export import export as run
 
     result = run(init, run_dir, out, force=force)
     _done_line(_Output(quiet, as_json), result, f"exported {result.summary['modules']} modules as a rank-{result.settings['rank']} "
@@ -427,7 +428,7 @@ def salora_apply(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Post-hoc B' = (I - V_s V_s^T) B on an existing adapter (cheap; not the paper's method)."""
-    from .jobs.salora import apply as run
+    from .methods.salora.export import apply as run
 
     result = run(module, adapter, out, dry_run=dry_run, force=force)
     s = result.summary
@@ -531,7 +532,7 @@ def nlsr(
                                         ("--safety-data", safety_data)) if value is None]
     if missing:
         raise RealignError(f"missing option {missing[0]} (see realign nlsr --help)")
-    from .jobs.nlsr import nlsr as run
+    from .methods.nlsr.oneshot import nlsr as run
 
     _check_report_path(report_path, [base, aligned_adapter, adapter])
     ui = _Output(quiet, as_json)
@@ -559,7 +560,7 @@ def nlsr_amplify(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Write the reference adapter: the aligned adapter with its update scaled by AMPLIFY."""
-    from .jobs.nlsr import amplify as run
+    from .methods.nlsr.amplify import amplify as run
 
     result = run(aligned_adapter, out, factor=amplify, force=force)
     ui = _Output(quiet, as_json)
@@ -585,7 +586,7 @@ def nlsr_regions(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Find the safety region of every factor of the reference adapter; write the masks."""
-    from .jobs.nlsr import regions as run
+    from .methods.nlsr.regions import regions as run
 
     _check_report_path(report_path, [base, reference])
     ui = _Output(quiet, as_json)
@@ -630,7 +631,7 @@ def nlsr_patch(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Transplant the masked reference entries into the selected modules of the fine-tuned adapter."""
-    from .jobs.nlsr import patch as run
+    from .methods.nlsr.patch import patch as run
 
     _check_report_path(report_path, [reference, str(masks), adapter])
     result = run(reference, masks, adapter, out, selection=selection, prune_rate=prune_rate, epsilon=epsilon, tau=tau,
@@ -666,7 +667,7 @@ def testbed_build(
     """Build (or reuse from the cache) the testbed's stages and print where they are."""
     import json
 
-    from .testbed import TestbedConfig, build
+    from .testbed.stages import TestbedConfig, build
 
     config = TestbedConfig(
         base=base, seed=seed, poison=poison, aligned_steps=aligned_steps, attack_steps=attack_steps, attack_lr=attack_lr,
@@ -702,7 +703,7 @@ def eval_command(
 ) -> None:
     """Refusal rate on harmful prompts, over-refusal on benign prompts, task accuracy; a CI gate with --fail-below."""
     from .io.output import check_target, write_text_atomic
-    from .jobs.eval import evaluate
+    from .eval.run import evaluate
 
     if fail_below is not None and not 0.0 <= fail_below <= 1.0:
         raise RealignError("--fail-below must be a rate between 0 and 1")
@@ -745,13 +746,14 @@ def demo(
     ui = _Output(quiet, False)
     log = (lambda msg: None) if quiet else (lambda msg: ui.err.print(f"demo: {msg}", markup=False))
     if tiny:
-        from .tiny_demo import run_demo as run_tiny
+        from .demo.tiny import run_demo as run_tiny
 
         ui.report(run_tiny(workdir, log=log), "Safe LoRA on the tiny demo trio")
         return
-    from .jobs.demo import check_prerequisites, markdown, run_demo
+    from .demo.render import markdown
+    from .demo.run import check_prerequisites, run_demo
 
-    from .testbed import TestbedConfig
+    from .testbed.stages import TestbedConfig
 
     check_prerequisites()
     table = run_demo(cache_dir, out, log=log, workers=workers, config=TestbedConfig(nlsr_attack=True, attack_steps=attack_steps))

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import __version__
+
+# written next to every output a command makes
+REPORT_FILE = "realign_report.json"
 
 
 @dataclass
@@ -31,6 +35,17 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+
+def stage_timings(started: float, planned: float, computed: float) -> dict[str, float]:
+    """plan / compute / write / total seconds of a command, from time.perf_counter() marks."""
+    now = time.perf_counter()
+    return {
+        "plan_s": round(planned - started, 4),
+        "compute_s": round(computed - planned, 4),
+        "write_s": round(now - computed, 4),
+        "total_s": round(now - started, 4),
+    }
 
 
 def format_similarity(value: float | None) -> str:

@@ -220,7 +220,8 @@ def tiny_chat_model(directory: Path, refuse_everything: bool = False, chat_templ
     a refusal, so that the refusal rate is known to be high."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from realign.train import Example, sft
+    from realign.calibration.examples import Example
+    from realign.training import sft
 
     tokenizer = tiny_tokenizer(chat_template)
     torch.manual_seed(seed)
@@ -288,8 +289,8 @@ def literal_nlsr_regions(base: Path, reference: Path, safety: Path, sparsity: fl
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from realign.data import load_examples
-    from realign.train import encode_parts
+    from realign.calibration.examples import load_examples
+    from realign.calibration.encoding import encode_parts
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)

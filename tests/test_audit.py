@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from builders import build_nlsr_setup
 from realign.cli import app
-from realign.jobs.safelora import safelora
+from realign.methods.safelora.adapter import safelora
 
 runner = CliRunner()
 
@@ -90,11 +90,12 @@ def test_both_or_neither_finetuned_input_is_bad(llama_trio, tmp_path):
 
 
 def test_nlsr_region_similarity(tmp_path):
-    from realign.jobs import nlsr as nlsr_job
+    from realign.methods.nlsr import patch as nlsr_patch
+    from realign.methods.nlsr import regions as nlsr_regions
 
     setup = build_nlsr_setup(tmp_path)
-    nlsr_job.regions(str(setup.base), str(setup.aligned), str(setup.safety), tmp_path / "masks.safetensors", device="cpu")
-    patched = nlsr_job.patch(str(setup.aligned), tmp_path / "masks.safetensors", str(setup.fine_tuned), dry_run=True)
+    nlsr_regions.regions(str(setup.base), str(setup.aligned), str(setup.safety), tmp_path / "masks.safetensors", device="cpu")
+    patched = nlsr_patch.patch(str(setup.aligned), tmp_path / "masks.safetensors", str(setup.fine_tuned), dry_run=True)
     result = invoke("audit", "--base", setup.base, "--aligned", setup.aligned, "--adapter", setup.fine_tuned,
                     "--aligned-adapter", setup.aligned, "--masks", tmp_path / "masks.safetensors", "--min-similarity", "-1",
                     "--min-region-similarity", "1.0", "--max-drifted", "100%", "--json")

@@ -9,9 +9,10 @@ from builders import tiny_chat_model
 from typer.testing import CliRunner
 
 from realign.cli import app
-from realign.data import REFUSAL_LABELS, load_prompts, packaged_file, split_indices
+from realign.eval.sources import REFUSAL_LABELS, load_prompts, packaged_file, split_indices
 from realign.errors import RealignError
-from realign.evaluate import GCG_TEST_PREFIXES, exact_match, is_refusal, normalize_answer, wilson_interval
+from realign.eval.judges import GCG_TEST_PREFIXES, is_refusal
+from realign.eval.metrics import exact_match, normalize_answer, wilson_interval
 
 runner = CliRunner()
 
@@ -179,7 +180,7 @@ def test_eval_end_to_end_and_gate(chat_models, tmp_path):
 
 
 def test_eval_batches_do_not_change_greedy_answers(chat_models):
-    from realign.jobs.eval import evaluate
+    from realign.eval.run import evaluate
 
     harmful, _ = _prompts(chat_models["root"])
     one = evaluate(str(chat_models["random"]), harmful=[str(harmful)], max_new_tokens=6, batch_size=1, device="cpu")
@@ -214,7 +215,7 @@ def test_one_load_serves_several_evaluations(chat_models, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from realign.jobs.eval import evaluate, load
+    from realign.eval.run import evaluate, load
 
     model = AutoModelForCausalLM.from_pretrained(chat_models["random"])
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)).save_pretrained(tmp_path / "lora")

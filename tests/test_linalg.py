@@ -13,7 +13,7 @@ from realign.linalg import (
     rank_is_defined,
     top_left_singular_vectors,
 )
-from realign.methods import safelora as method
+from realign.methods.safelora import math as method
 
 SHAPES = [(16, 16, 2), (48, 16, 4), (16, 48, 8), (96, 40, 1), (33, 70, 5)]
 

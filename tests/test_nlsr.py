@@ -9,8 +9,9 @@ import torch
 from builders import adapter_tensors, build_nlsr_setup, literal_nlsr_regions
 from safetensors.torch import load_file
 
-from realign.jobs import nlsr as job
-from realign.methods import nlsr as method
+import realign
+from realign.methods.nlsr.amplify import DEFAULT_AMPLIFY
+from realign.methods.nlsr import math as method
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +23,12 @@ def setup(tmp_path_factory):
 def staged(setup, tmp_path_factory):
     """amplify -> regions (both modes) -> patch, through files."""
     root = tmp_path_factory.mktemp("staged")
-    job.amplify(str(setup.aligned), root / "reference")
+    realign.nlsr_amplify(str(setup.aligned), root / "reference")
     reports = {}
     for mode in method.REGION_MODES:
-        reports[mode] = job.regions(str(setup.base), str(root / "reference"), str(setup.safety), root / f"{mode}.safetensors",
+        reports[mode] = realign.nlsr_regions(str(setup.base), str(root / "reference"), str(setup.safety), root / f"{mode}.safetensors",
                                     mode=mode, device="cpu")
-    job.patch(str(root / "reference"), root / "one-pass.safetensors", str(setup.fine_tuned), root / "patched")
+    realign.nlsr_patch(str(root / "reference"), root / "one-pass.safetensors", str(setup.fine_tuned), root / "patched")
     return root, reports
 
 
@@ -99,7 +100,7 @@ def test_patch_transplants_masked_reference_entries(setup, staged):
 
 def test_one_shot_equals_the_stages(setup, staged, tmp_path):
     root, _ = staged
-    report = job.nlsr(str(setup.base), str(setup.aligned), str(setup.fine_tuned), str(setup.safety), tmp_path / "out", device="cpu")
+    report = realign.nlsr(str(setup.base), str(setup.aligned), str(setup.fine_tuned), str(setup.safety), tmp_path / "out", device="cpu")
     one_shot, stages = adapter_tensors(tmp_path / "out"), adapter_tensors(root / "patched")
     assert set(one_shot) == set(stages) and all(torch.equal(one_shot[k], stages[k]) for k in stages)
     staged_report = json.loads((root / "patched" / "realign_report.json").read_text())
@@ -181,4 +182,4 @@ def test_amplify_scales_the_update():
     a2, b2 = method.amplify(a, b, 3.24)
     assert torch.allclose(b2 @ a2, 3.24 * (b @ a), rtol=1e-5)
     assert torch.allclose(a2, 1.8 * a)
-    assert math.isclose(job.DEFAULT_AMPLIFY, 1.8**2)
+    assert math.isclose(DEFAULT_AMPLIFY, 1.8**2)

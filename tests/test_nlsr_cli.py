@@ -164,7 +164,7 @@ def test_regions_at_several_sparsities_equal_one_run_each(setup, stages, tmp_pat
     from safetensors import safe_open
 
     from realign.errors import RealignError
-    from realign.jobs.nlsr import regions, regions_at
+    from realign.methods.nlsr.regions import regions, regions_at
 
     outs = {0.8: tmp_path / "at-0.8.safetensors", 0.5: tmp_path / "at-0.5.safetensors"}
     reports = regions_at(setup.base, str(stages / "ref"), setup.safety, outs, device="cpu")

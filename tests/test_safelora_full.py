@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 from builders import build_trio, state_dict_of, tree_digest
 from realign.errors import RealignError
-from realign.jobs.safelora import safelora
-from realign.jobs.safelora_full import safelora_full
-from realign.methods import safelora as method
+from realign.methods.safelora.adapter import safelora
+from realign.methods.safelora.full import safelora_full
+from realign.methods.safelora import math as method
 
 
 def _merged(model_dir, adapter_dir, out, sharded=True):

@@ -9,8 +9,9 @@ from builders import SAFETY_ROWS, adapter_tensors, add_lora, tiny_chat_model, ti
 from safetensors.torch import load_file, save_file
 
 from realign.errors import RealignError
-from realign.jobs import salora as job
-from realign.methods import salora as method
+import realign
+from realign.methods.salora.module import narrow_module, read_module
+from realign.methods.salora import math as method
 
 
 def _gpt2_chat_model(directory):
@@ -41,8 +42,8 @@ def models(tmp_path_factory):
 
 def response_inputs(model, tokenizer, modules: dict, data) -> dict:
     """Each module's inputs at the response positions, one example at a time, unpadded."""
-    from realign.data import load_examples
-    from realign.train import encode_parts
+    from realign.calibration.examples import load_examples
+    from realign.calibration.encoding import encode_parts
 
     inputs, count = {n: [] for n in modules}, [0]
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0][0, -count[0]:])) for n, m in modules.items()]
@@ -76,9 +77,9 @@ def literal_bases(model_dir, safety, targets, rank):
 @pytest.mark.parametrize("arch, targets", [("llama", ("q_proj", "v_proj", "down_proj", "up_proj")), ("gpt2", ("c_attn", "c_proj", "c_fc"))])
 def test_safety_basis_equals_svd_of_output_features(models, arch, targets, tmp_path):
     rank = 6
-    report = job.module(str(models[arch]), str(models["safety"]), tmp_path / "m.safetensors", targets=targets, rank_safety=rank,
+    report = realign.salora_module(str(models[arch]), str(models["safety"]), tmp_path / "m.safetensors", targets=targets, rank_safety=rank,
                         device="cpu")
-    bases, metadata = job.read_module(tmp_path / "m.safetensors")
+    bases, metadata = read_module(tmp_path / "m.safetensors")
     literal = literal_bases(models[arch], models["safety"], targets, rank)
     assert set(bases) == set(literal) and report.summary["modules"] == len(literal)
     assert {row["gram"] for row in report.modules} == {"input", "output"}  # both paths exercised
@@ -125,13 +126,13 @@ def test_task_init_keeps_the_model_and_export_fold_is_exact():
 def test_apply_projects_b_out_of_the_safety_subspace(models, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    job.module(str(models["llama"]), str(models["safety"]), tmp_path / "m.safetensors", rank_safety=4, device="cpu")
+    realign.salora_module(str(models["llama"]), str(models["safety"]), tmp_path / "m.safetensors", rank_safety=4, device="cpu")
     peft_model = add_lora(AutoModelForCausalLM.from_pretrained(models["llama"]), "llama", seed=3, r=4)
     peft_model.save_pretrained(tmp_path / "adapter")
-    report = job.apply(tmp_path / "m.safetensors", str(tmp_path / "adapter"), tmp_path / "out")
+    report = realign.salora_apply(tmp_path / "m.safetensors", str(tmp_path / "adapter"), tmp_path / "out")
     assert report.summary["projected"] == 4  # q_proj and v_proj of 2 layers
     assert any("not SaLoRA" in n for n in report.notes)
-    bases, _ = job.read_module(tmp_path / "m.safetensors")
+    bases, _ = read_module(tmp_path / "m.safetensors")
     before, after = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tmp_path / "out")
     for key, value in after.items():
         name = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
@@ -145,15 +146,15 @@ def test_apply_projects_b_out_of_the_safety_subspace(models, tmp_path):
 
 def test_bad_inputs(models, tmp_path):
     with pytest.raises(RealignError, match="matches no linear module"):
-        job.module(str(models["llama"]), str(models["safety"]), tmp_path / "m", targets="nope_proj", device="cpu")
+        realign.salora_module(str(models["llama"]), str(models["safety"]), tmp_path / "m", targets="nope_proj", device="cpu")
     with pytest.raises(RealignError, match="exceeds the dimension"):
-        job.module(str(models["llama"]), str(models["safety"]), tmp_path / "m", rank_safety=500, device="cpu")
+        realign.salora_module(str(models["llama"]), str(models["safety"]), tmp_path / "m", rank_safety=500, device="cpu")
     save_file({"x": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(RealignError, match="not a safety module"):
-        job.apply(tmp_path / "other.safetensors", str(models["root"]), tmp_path / "o")
+        realign.salora_apply(tmp_path / "other.safetensors", str(models["root"]), tmp_path / "o")
     assert not (tmp_path / "m").exists() and not (tmp_path / "o").exists()
     gpt2_module = tmp_path / "g.safetensors"
-    job.module(str(models["gpt2"]), str(models["safety"]), gpt2_module, targets="c_attn", rank_safety=2, device="cpu")
+    realign.salora_module(str(models["gpt2"]), str(models["safety"]), gpt2_module, targets="c_attn", rank_safety=2, device="cpu")
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -166,7 +167,7 @@ def test_bad_inputs(models, tmp_path):
     save_file({k.replace("transformer.h", "model.layers").replace("attn.c_attn", "mlp.up_proj"): v for k, v in tensors.items()},
               tmp_path / "renamed.safetensors", metadata=metadata)
     with pytest.raises(RealignError, match="another model"):
-        job.apply(tmp_path / "renamed.safetensors", str(tmp_path / "adapter"), tmp_path / "o")
+        realign.salora_apply(tmp_path / "renamed.safetensors", str(tmp_path / "adapter"), tmp_path / "o")
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +177,9 @@ def pipeline(models, tmp_path_factory):
     task = root / "task.jsonl"
     task.write_text("".join(json.dumps({"prompt": f"Count to {n}.", "response": " ".join(["one", "two", "three", "four"][:n])}) + "\n"
                             for n in (1, 2, 3, 4) * 3))
-    job.module(str(models["llama"]), str(models["safety"]), root / "m.safetensors", targets="q_proj,v_proj,down_proj",
+    realign.salora_module(str(models["llama"]), str(models["safety"]), root / "m.safetensors", targets="q_proj,v_proj,down_proj",
                rank_safety=4, device="cpu")
-    job.init(str(models["llama"]), root / "m.safetensors", str(task), root / "init", rank=4, alpha=8, rank_task=6, device="cpu")
+    realign.salora_init(str(models["llama"]), root / "m.safetensors", str(task), root / "init", rank=4, alpha=8, rank_task=6, device="cpu")
     return {"root": root, "task": task, "model": models["llama"]}
 
 
@@ -190,7 +191,7 @@ def _logits(model, ids=torch.tensor([[5, 9, 30, 2, 17, 44]])):
 def test_init_leaves_the_model_unchanged(pipeline):
     from transformers import AutoModelForCausalLM
 
-    from realign.salora_layer import attach
+    from realign.methods.salora.layer import attach
 
     aligned = AutoModelForCausalLM.from_pretrained(pipeline["model"]).eval()
     wrapped = AutoModelForCausalLM.from_pretrained(pipeline["model"]).eval()
@@ -205,25 +206,25 @@ def test_train_resume_export(pipeline, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from realign.salora_layer import read_init
+    from realign.methods.salora.layer import read_init
 
     args = (str(pipeline["model"]), pipeline["root"] / "init", str(pipeline["task"]))
-    full = job.train(*args, tmp_path / "full", epochs=2, lr=5e-3, batch_size=4, save_every=2, device="cpu")
+    full = realign.salora_train(*args, tmp_path / "full", epochs=2, lr=5e-3, batch_size=4, save_every=2, device="cpu")
     assert full.summary["steps"] == 6 and full.summary["last_loss"] < full.summary["first_loss"]
 
     def interrupt(step, total, loss):
         if step == 3:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        job.train(*args, tmp_path / "cut", epochs=2, lr=5e-3, batch_size=4, save_every=2, device="cpu", on_step=interrupt)
-    resumed = job.train(*args, tmp_path / "cut", epochs=2, lr=5e-3, batch_size=4, save_every=2, device="cpu")
+        realign.salora_train(*args, tmp_path / "cut", epochs=2, lr=5e-3, batch_size=4, save_every=2, device="cpu", on_step=interrupt)
+    resumed = realign.salora_train(*args, tmp_path / "cut", epochs=2, lr=5e-3, batch_size=4, save_every=2, device="cpu")
     assert resumed.summary["resumed_from"] == 2
     a, b = load_file(tmp_path / "full" / "salora_factors.safetensors"), load_file(tmp_path / "cut" / "salora_factors.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(RealignError, match="other settings"):
-        job.train(*args, tmp_path / "cut", epochs=3, batch_size=4, device="cpu")
+        realign.salora_train(*args, tmp_path / "cut", epochs=3, batch_size=4, device="cpu")
 
-    job.export(pipeline["root"] / "init", tmp_path / "full", tmp_path / "adapter")
+    realign.salora_export(pipeline["root"] / "init", tmp_path / "full", tmp_path / "adapter")
     settings, _, residual, bases = read_init(pipeline["root"] / "init")
     trained = load_file(tmp_path / "full" / "salora_factors.safetensors")
     base = AutoModelForCausalLM.from_pretrained(pipeline["model"])
@@ -247,11 +248,11 @@ def test_train_resume_export(pipeline, tmp_path):
 
 
 def test_init_refuses_a_module_from_another_model(pipeline, models, tmp_path):
-    job.module(str(models["gpt2"]), str(models["safety"]), tmp_path / "g.safetensors", targets="c_attn", rank_safety=2, device="cpu")
+    realign.salora_module(str(models["gpt2"]), str(models["safety"]), tmp_path / "g.safetensors", targets="c_attn", rank_safety=2, device="cpu")
     with pytest.raises(RealignError, match="another model|matches no linear"):
-        job.init(str(pipeline["model"]), tmp_path / "g.safetensors", str(pipeline["task"]), tmp_path / "i", device="cpu")
+        realign.salora_init(str(pipeline["model"]), tmp_path / "g.safetensors", str(pipeline["task"]), tmp_path / "i", device="cpu")
     with pytest.raises(RealignError, match="exceeds the dimension"):
-        job.init(str(pipeline["model"]), pipeline["root"] / "m.safetensors", str(pipeline["task"]), tmp_path / "i", rank=999, device="cpu")
+        realign.salora_init(str(pipeline["model"]), pipeline["root"] / "m.safetensors", str(pipeline["task"]), tmp_path / "i", rank=999, device="cpu")
     assert not (tmp_path / "i").exists()
 
 
@@ -293,7 +294,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(pipeline, models, tmp_path):
 def test_calibration_skips_logits_unless_the_head_is_a_target(models):
     from transformers import AutoModelForCausalLM
 
-    from realign.features import logits_kwargs
+    from realign.calibration.grams import logits_kwargs
 
     model = AutoModelForCausalLM.from_pretrained(models["llama"])
     assert logits_kwargs(model, [model.model.layers[0].self_attn.q_proj]) == {"logits_to_keep": 1}
@@ -303,20 +304,20 @@ def test_calibration_skips_logits_unless_the_head_is_a_target(models):
 def test_narrowed_module_equals_one_computed_at_the_smaller_rank(pipeline, models, tmp_path):
     wide, narrow, direct = tmp_path / "wide.safetensors", tmp_path / "narrow.safetensors", tmp_path / "direct.safetensors"
     args = (str(models["llama"]), str(models["safety"]))
-    job.module(*args, wide, targets="q_proj,v_proj,down_proj", rank_safety=12, device="cpu")
-    job.module(*args, direct, targets="q_proj,v_proj,down_proj", rank_safety=4, device="cpu")
-    job.narrow_module(wide, 4, narrow)
-    (narrowed, meta_n), (computed, meta_d) = job.read_module(narrow), job.read_module(direct)
+    realign.salora_module(*args, wide, targets="q_proj,v_proj,down_proj", rank_safety=12, device="cpu")
+    realign.salora_module(*args, direct, targets="q_proj,v_proj,down_proj", rank_safety=4, device="cpu")
+    narrow_module(wide, 4, narrow)
+    (narrowed, meta_n), (computed, meta_d) = read_module(narrow), read_module(direct)
     assert sorted(narrowed) == sorted(computed) and meta_n["aligned_digest"] == meta_d["aligned_digest"]
     assert meta_n["settings"]["rank_safety"] == 4 and meta_n["settings"]["narrowed_from"] == 12
     for path, basis in computed.items():
         assert narrowed[path].shape == basis.shape
         assert torch.allclose(narrowed[path], basis, atol=1e-6), path  # same columns, same signs
     # the narrowed file is a module like any other: init accepts it
-    job.init(str(pipeline["model"]), narrow, str(pipeline["task"]), tmp_path / "init", rank=4, alpha=8, rank_task=6, device="cpu")
+    realign.salora_init(str(pipeline["model"]), narrow, str(pipeline["task"]), tmp_path / "init", rank=4, alpha=8, rank_task=6, device="cpu")
     for bad in (0, 13):
         with pytest.raises(RealignError, match="between 1 and the module's own rank 12"):
-            job.narrow_module(wide, bad, tmp_path / "bad.safetensors")
+            narrow_module(wide, bad, tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()
 
 
@@ -325,13 +326,13 @@ def test_init_reusing_task_factors_equals_a_fresh_init(pipeline, models, tmp_pat
     module's, and the model is still unchanged at init."""
     from transformers import AutoModelForCausalLM
 
-    from realign.salora_layer import attach, read_init
+    from realign.methods.salora.layer import attach, read_init
 
     other = tmp_path / "m2.safetensors"
-    job.module(str(models["llama"]), str(models["safety"]), other, targets="q_proj,v_proj,down_proj", rank_safety=2, device="cpu")
+    realign.salora_module(str(models["llama"]), str(models["safety"]), other, targets="q_proj,v_proj,down_proj", rank_safety=2, device="cpu")
     args = (str(pipeline["model"]), other)
-    fresh = job.init(*args, str(pipeline["task"]), tmp_path / "fresh", rank=4, alpha=8, rank_task=6, device="cpu")
-    reused = job.init(*args, None, tmp_path / "reused", task_from=pipeline["root"] / "init", rank=4, alpha=16, rank_task=6, device="cpu")
+    fresh = realign.salora_init(*args, str(pipeline["task"]), tmp_path / "fresh", rank=4, alpha=8, rank_task=6, device="cpu")
+    reused = realign.salora_init(*args, None, tmp_path / "reused", task_from=pipeline["root"] / "init", rank=4, alpha=16, rank_task=6, device="cpu")
     assert reused.summary["examples"] == fresh.summary["examples"]  # the task pass it stands on
     (s_f, f_f, r_f, v_f), (s_r, f_r, r_r, v_r) = read_init(tmp_path / "fresh"), read_init(tmp_path / "reused")
     assert s_r["task_from"] and s_r["rank_safety"] == 2 and s_r["scaling"] == 4.0
@@ -348,15 +349,15 @@ def test_init_reusing_task_factors_equals_a_fresh_init(pipeline, models, tmp_pat
     assert torch.allclose(_logits(wrapped), _logits(aligned), atol=1e-4)
 
     with pytest.raises(RealignError, match="exactly one of --task-data"):
-        job.init(*args, str(pipeline["task"]), tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=6, device="cpu")
+        realign.salora_init(*args, str(pipeline["task"]), tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=6, device="cpu")
     with pytest.raises(RealignError, match="exactly one of --task-data"):
-        job.init(*args, None, tmp_path / "x", rank=4, rank_task=6, device="cpu")
+        realign.salora_init(*args, None, tmp_path / "x", rank=4, rank_task=6, device="cpu")
     with pytest.raises(RealignError, match="has rank 4 and rank_task 6; this one asks for 4 and 8"):
-        job.init(*args, None, tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=8, device="cpu")
+        realign.salora_init(*args, None, tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=8, device="cpu")
     gpt2_module = tmp_path / "g.safetensors"
-    job.module(str(models["gpt2"]), str(models["safety"]), gpt2_module, targets="c_attn", rank_safety=2, device="cpu")
+    realign.salora_module(str(models["gpt2"]), str(models["safety"]), gpt2_module, targets="c_attn", rank_safety=2, device="cpu")
     with pytest.raises(RealignError, match="another model"):
-        job.init(str(models["gpt2"]), gpt2_module, None, tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=6,
+        realign.salora_init(str(models["gpt2"]), gpt2_module, None, tmp_path / "x", task_from=pipeline["root"] / "init", rank=4, rank_task=6,
                  device="cpu")
     assert not (tmp_path / "x").exists()
 
@@ -383,15 +384,15 @@ def test_task_factors_equal_the_svd_formula(d_out, d_in, r, rank_w):
 
 def test_train_with_the_full_loss_on_packed_blocks(pipeline, tmp_path):
     args = (str(pipeline["model"]), pipeline["root"] / "init", str(pipeline["task"]))
-    report = job.train(*args, tmp_path / "full-loss", epochs=2, lr=5e-3, batch_size=2, block_size=16, loss="full", device="cpu")
+    report = realign.salora_train(*args, tmp_path / "full-loss", epochs=2, lr=5e-3, batch_size=2, block_size=16, loss="full", device="cpu")
     assert report.settings["loss"] == "full" and report.settings["block_size"] == 16
     assert report.summary["last_loss"] < report.summary["first_loss"]
-    response = job.train(*args, tmp_path / "response-loss", epochs=2, lr=5e-3, batch_size=2, device="cpu")
+    response = realign.salora_train(*args, tmp_path / "response-loss", epochs=2, lr=5e-3, batch_size=2, device="cpu")
     assert report.summary["steps"] != response.summary["steps"]  # an epoch counts blocks, not examples
     with pytest.raises(RealignError, match="other settings"):  # a run does not switch losses on resume
-        job.train(*args, tmp_path / "full-loss", epochs=2, lr=5e-3, batch_size=2, block_size=16, device="cpu")
+        realign.salora_train(*args, tmp_path / "full-loss", epochs=2, lr=5e-3, batch_size=2, block_size=16, device="cpu")
     with pytest.raises(RealignError, match="--loss must be one of"):
-        job.train(*args, tmp_path / "x", loss="packed", device="cpu")
+        realign.salora_train(*args, tmp_path / "x", loss="packed", device="cpu")
 
 
 def literal_sequential_residuals(model_dir, module_file, task, rank, rank_task, scaling):
@@ -403,7 +404,7 @@ def literal_sequential_residuals(model_dir, module_file, task, rank, rank_task, 
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-    bases, _ = job.read_module(module_file)
+    bases, _ = read_module(module_file)
     modules = dict(model.named_modules())
     blocks = sorted({layer_prefix(p) for p in bases}, key=natural_key)
     residual = {}
@@ -422,10 +423,10 @@ def literal_sequential_residuals(model_dir, module_file, task, rank, rank_task, 
 
 
 def test_sequential_task_pass_equals_the_literal_reference_procedure(pipeline, tmp_path):
-    from realign.salora_layer import read_init
+    from realign.methods.salora.layer import read_init
 
     root = pipeline["root"]
-    report = job.init(str(pipeline["model"]), root / "m.safetensors", str(pipeline["task"]), tmp_path / "seq", rank=4, alpha=8,
+    report = realign.salora_init(str(pipeline["model"]), root / "m.safetensors", str(pipeline["task"]), tmp_path / "seq", rank=4, alpha=8,
                       rank_task=6, device="cpu", task_pass="sequential")
     settings, _, ours, _ = read_init(tmp_path / "seq")
     _, _, one_pass, _ = read_init(root / "init")
@@ -444,15 +445,15 @@ def test_sequential_task_pass_equals_the_literal_reference_procedure(pipeline, t
     # the model at init is still the aligned model: W_res + s C B0 A0 = W in every module
     from transformers import AutoModelForCausalLM
 
-    from realign.salora_layer import attach
+    from realign.methods.salora.layer import attach
 
     aligned = AutoModelForCausalLM.from_pretrained(pipeline["model"]).eval()
     wrapped = AutoModelForCausalLM.from_pretrained(pipeline["model"]).eval()
     attach(wrapped, tmp_path / "seq")
     assert torch.allclose(_logits(wrapped), _logits(aligned), atol=1e-4)
     with pytest.raises(RealignError, match="give --task-data, not --task-from"):
-        job.init(str(pipeline["model"]), root / "m.safetensors", None, tmp_path / "x", task_from=tmp_path / "seq", rank=4, alpha=8,
+        realign.salora_init(str(pipeline["model"]), root / "m.safetensors", None, tmp_path / "x", task_from=tmp_path / "seq", rank=4, alpha=8,
                  rank_task=6, device="cpu", task_pass="sequential")
     with pytest.raises(RealignError, match="made a sequential task pass"):
-        job.init(str(pipeline["model"]), root / "m.safetensors", None, tmp_path / "x", task_from=tmp_path / "seq", rank=4, alpha=8,
+        realign.salora_init(str(pipeline["model"]), root / "m.safetensors", None, tmp_path / "x", task_from=tmp_path / "seq", rank=4, alpha=8,
                  rank_task=6, device="cpu")

@@ -9,7 +9,8 @@ import torch
 from builders import tiny_chat_model
 from test_eval import have, needs_garak, needs_pyrit
 
-from realign.testbed import SYLLABLES, TASKS, TestbedConfig, build, encode_number, task_examples
+from realign.testbed.stages import TestbedConfig, build
+from realign.testbed.tasks import SYLLABLES, TASKS, encode_number, task_examples
 
 TINY = dict(seed=0, answer_tokens=8, benign_prompts=4, harmful_answer_prompts=12, aligned_steps=2, attack_steps=2,
             task_train=20, task_test=5, poison=0.05, batch_size=4, aligned_rank=2, attack_rank=2)
@@ -89,7 +90,9 @@ def test_bad_settings_fail_cleanly(tmp_path):
 @needs_pyrit
 @needs_garak
 def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
-    from realign.jobs.demo import DemoSettings, markdown, run_demo
+    from realign.demo.render import markdown
+    from realign.demo.run import run_demo
+    from realign.demo.settings import DemoSettings
 
     base = tiny_chat_model(tmp_path / "tiny-base")
     config = TestbedConfig(base=str(base), nlsr_attack=True, **TINY)
@@ -143,7 +146,8 @@ def test_a_failed_job_stops_the_others_and_reaches_the_caller():
     import time
 
     from realign.errors import RealignError
-    from realign.jobs.demo import _Job, _run_jobs
+    from realign.demo.scheduler import Job as _Job
+    from realign.demo.scheduler import run_jobs as _run_jobs
 
     logged = []
     started = time.perf_counter()
@@ -158,7 +162,7 @@ def test_a_failed_job_stops_the_others_and_reaches_the_caller():
 
 def test_demo_refuses_no_workers(tmp_path):
     from realign.errors import RealignError
-    from realign.jobs.demo import run_demo
+    from realign.demo.run import run_demo
 
     with pytest.raises(RealignError, match="--workers must be at least 1"):
         run_demo(tmp_path, None, workers=0)

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from realign.train import length_grouped_batches
+from realign.training import length_grouped_batches
 
 
 def test_length_grouped_batches_cover_each_example_once_and_pad_less():
@@ -49,7 +49,7 @@ def _system_prompt_model(dtype, architecture="llama"):
 
 
 def test_shared_prefix_length():
-    from realign.evaluate import shared_prefix_length
+    from realign.calibration.prefix import shared_prefix_length
 
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # one token is always left to run
@@ -63,7 +63,10 @@ def test_shared_prefix_length():
 def test_prefix_shared_loss_and_gradients_equal_whole_rows(architecture, rtol):
     import torch
 
-    from realign.train import Example, collate, encode, response_loss, trainable_prefix_length
+    from realign.calibration.encoding import collate, encode
+    from realign.calibration.examples import Example
+    from realign.calibration.prefix import trainable_prefix_length
+    from realign.training import response_loss
 
     model, tokenizer = _system_prompt_model(torch.float64, architecture)
     examples = [Example("Tell me a joke.", "Sure, here is the answer."), Example("Explain gravity in a few words please.", "zero one"),
@@ -91,7 +94,10 @@ def test_response_loss_equals_the_loss_of_each_row_alone_over_all_logits(archite
     positions' logits (gathered, not sliced) and pads."""
     import torch
 
-    from realign.train import IGNORE, Example, collate, encode, response_loss, trainable_prefix_length
+    from realign.calibration.encoding import IGNORE, collate, encode
+    from realign.calibration.examples import Example
+    from realign.calibration.prefix import trainable_prefix_length
+    from realign.training import response_loss
 
     model, tokenizer = _system_prompt_model(torch.float64, architecture)
     examples = [Example("Tell me a joke.", "Sure, here is the answer, a long one with many words."),
@@ -111,7 +117,8 @@ def test_response_loss_equals_the_loss_of_each_row_alone_over_all_logits(archite
 
 
 def test_prefix_never_reaches_a_response():
-    from realign.train import IGNORE, trainable_prefix_length
+    from realign.calibration.encoding import IGNORE
+    from realign.calibration.prefix import trainable_prefix_length
 
     same_prompt = [([1] * 20 + [2, 3], [IGNORE] * 20 + [2, 3]), ([1] * 20 + [2, 4], [IGNORE] * 20 + [2, 4])]
     assert trainable_prefix_length(same_prompt) == 19  # the last prompt token's logits predict the first label
@@ -122,7 +129,7 @@ def test_prefix_never_reaches_a_response():
 def test_prefix_shared_generation_equals_whole_prompts(monkeypatch, architecture):
     import torch
 
-    import realign.evaluate as evaluate
+    import realign.eval.generate as evaluate
 
     model, tokenizer = _system_prompt_model(torch.float32, architecture)
     prompts = ["Tell me a joke.", "How to steal a car?", "Write a poem about the sea.", "Explain gravity.", "Write malware."]
@@ -139,9 +146,9 @@ def test_prefix_shared_generation_equals_whole_prompts(monkeypatch, architecture
 def test_prefix_shared_calibration_grams_equal_whole_rows(monkeypatch, architecture, rtol, stop):
     import torch
 
-    import realign.features as features
-    from realign.features import Tap, accumulate_grams, encode_calibration
-    from realign.train import Example
+    import realign.calibration.grams as features
+    from realign.calibration.grams import Tap, accumulate_grams, encode_calibration
+    from realign.calibration.examples import Example
 
     model, tokenizer = _system_prompt_model(torch.float64, architecture)
     examples = [Example("Tell me a joke.", "Sure, here is the answer."), Example("Explain gravity in a few words please.", "zero one"),
@@ -158,13 +165,13 @@ def test_prefix_shared_calibration_grams_equal_whole_rows(monkeypatch, architect
     else:
         stop_after = None
     whole = accumulate_grams(model, calibration, taps, 2, stop_after=stop_after, share_prefix=False)
-    caches, prefix_cache = [], features._prefix_cache
-    monkeypatch.setattr(features, "_prefix_cache", lambda *a: caches.append(prefix_cache(*a)) or caches[-1])
+    caches, prefix_cache = [], features.prefix_cache
+    monkeypatch.setattr(features, "prefix_cache", lambda *a: caches.append(prefix_cache(*a)) or caches[-1])
     seen = []
     fast = accumulate_grams(model, calibration, taps, 2, stop_after=stop_after, on_batch=seen.append)
     assert sum(seen) == len(examples)
     assert len(caches) == 1 and caches[0] is not None  # the shared path ran
-    monkeypatch.setattr(features, "_prefix_cache", lambda *a: None)  # a model that fills no cache
+    monkeypatch.setattr(features, "prefix_cache", lambda *a: None)  # a model that fills no cache
     fallback = accumulate_grams(model, calibration, taps, 2, stop_after=stop_after)
     for name in taps:
         assert whole[name].abs().max() > 0
@@ -181,10 +188,13 @@ def test_the_cache_goes_by_the_installed_transformers_name():
     import torch
     from peft import LoraConfig, get_peft_model
 
-    import realign.evaluate as evaluate
-    from realign.features import Tap, accumulate_grams, encode_calibration
-    from realign.kv_cache import cache_argument
-    from realign.train import Example, collate, encode, response_loss, trainable_prefix_length
+    import realign.eval.generate as evaluate
+    from realign.calibration.grams import Tap, accumulate_grams, encode_calibration
+    from realign.calibration.kv_cache import cache_argument
+    from realign.calibration.encoding import collate, encode
+    from realign.calibration.examples import Example
+    from realign.calibration.prefix import trainable_prefix_length
+    from realign.training import response_loss
 
     model, tokenizer = _system_prompt_model(torch.float32)
     name = cache_argument(model)
@@ -206,7 +216,9 @@ def test_packed_blocks_cut_the_token_stream_and_the_full_loss_is_the_models_own(
     import torch
 
     from realign.errors import RealignError
-    from realign.train import Example, collate, encode_parts, pack_blocks, response_loss
+    from realign.calibration.encoding import collate, encode_parts
+    from realign.calibration.examples import Example
+    from realign.training import pack_blocks, response_loss
 
     model, tokenizer = _system_prompt_model(torch.float64)
     examples = [Example("Tell me a joke.", "Sure, here is the answer."), Example("Explain gravity in a few words please.", "zero one"),

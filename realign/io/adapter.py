@@ -1,20 +1,18 @@
-"""PEFT LoRA adapters: read, describe per module, write a patched copy.
+"""PEFT LoRA adapters: read and described per module (writing: `adapter_writer`).
 
-An adapter is small (factors only), so it is read whole. Writing keeps every tensor that was not
-replaced byte-for-byte, the config file verbatim and the weight file's metadata.
+An adapter is small (factors only), so it is read whole.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import RealignError
 from .checkpoint import read_json, resolve_local
@@ -23,8 +21,6 @@ from .names import natural_key, strip_peft_prefix
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
-# Trainer state that belongs to the run that produced the input, not to a patched adapter.
-_NOT_COPIED = {ADAPTER_SAFETENSORS, ADAPTER_BIN, "optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin"}
 
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -163,20 +159,3 @@ def _describe(tensors: dict[str, torch.Tensor], config: dict, role: str) -> tupl
         modules.append(LoraModule(name, pair["A"], pair["B"], rank, a.shape[1], b.shape[0], module_scaling(config, name, rank)))
     modules.sort(key=lambda m: natural_key(m.name))
     return modules, passthrough
-
-
-def write_adapter(adapter: Adapter, directory: Path, replaced: dict[str, torch.Tensor]) -> None:
-    """Write `adapter` with some tensors replaced into an existing empty directory."""
-    for source in adapter.directory.iterdir():
-        if source.is_file() and source.name not in _NOT_COPIED:
-            shutil.copy2(source, directory / source.name)
-    tensors = {}
-    for key, tensor in adapter.tensors.items():
-        new = replaced.get(key)
-        if new is not None:
-            if new.shape != tensor.shape:
-                raise ValueError(f"replacement for {key} has shape {tuple(new.shape)}, expected {tuple(tensor.shape)}")
-            tensor = new.to(device="cpu", dtype=tensor.dtype).contiguous()
-        tensors[key] = tensor
-    metadata = adapter.metadata if adapter.metadata is not None else {"format": "pt"}
-    save_file(tensors, directory / ADAPTER_SAFETENSORS, metadata=metadata)

@@ -1,4 +1,5 @@
-"""Content identity for caches: digests of JSON-able keys and of directory trees."""
+"""Content identity: digests of JSON-able keys, of directory trees (caches), and of the tensors a
+result was computed from (so a masks file or a safety module can be matched to its model)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import functools
 import hashlib
 import json
 from pathlib import Path
+
+import torch
+
+from .names import natural_key
 
 # bookkeeping that the caches write next to what they cache; not part of a model's identity
 BOOKKEEPING = frozenset({"stage.json", "realign_report.json"})
@@ -35,3 +40,27 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 24), b""):
             sha.update(chunk)
     return sha.hexdigest()
+
+
+def factors_digest(tensors: dict[str, torch.Tensor], modules) -> str:
+    """SHA-256 of a set of LoRA factors by module name, dtype, shape and bytes: what masks are
+    computed from, so a masks file can be matched to its reference adapter."""
+    sha = hashlib.sha256()
+    for module in sorted(modules, key=lambda m: natural_key(m.name)):
+        for key, label in ((module.key_a, "A"), (module.key_b, "B")):
+            tensor = tensors[key].detach().cpu().contiguous()
+            sha.update(f"{module.name}.{label}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def weights_digest(targets) -> str:
+    """SHA-256 of the target weights (name, shape, float32 bytes): which model a module file or
+    an initialisation belongs to."""
+    sha = hashlib.sha256()
+    for target in targets:
+        w = target.weight().cpu().contiguous()
+        sha.update(f"{target.path}:{tuple(w.shape)};".encode())
+        sha.update(w.numpy().tobytes())
+    return sha.hexdigest()
+

@@ -88,25 +88,3 @@ def save_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str],
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def read_tagged_safetensors(path, what: str, tag: str, version_key: str, version: str, writer: str):
-    """(tensors, metadata) of a safetensors file that realign wrote with metadata
-    realign=`tag` and `version_key`=`version`; one clear error for anything else."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RealignError(f"{what} '{path}' does not exist")
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise RealignError(f"{what} '{path}' is truncated or not a safetensors file ({exc})") from None
-    if metadata.get("realign") != tag:
-        raise RealignError(f"'{path}' is not a {what} written by `{writer}`")
-    if metadata.get(version_key) != version:
-        raise RealignError(f"{what} '{path}' has format version {metadata.get(version_key)}, expected {version}")
-    return tensors, metadata

@@ -1,0 +1,1 @@
+"""`realign audit`: the weight-only safety-drift gate (gate.py) and its renderings (render.py)."""

@@ -1,0 +1,44 @@
+"""Rates with 95% Wilson intervals, and exact-match scoring of task answers."""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion."""
+    if total == 0:
+        return (0.0, 1.0)
+    p = successes / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rate(successes: int, total: int) -> dict:
+    low, high = wilson_interval(successes, total)
+    return {"rate": successes / total if total else None, "k": successes, "n": total, "ci95": [low, high]}
+
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """First line, lower case, punctuation dropped, whitespace collapsed."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return " ".join(_PUNCT.sub(" ", first.lower()).split())
+
+
+def exact_match(response: str, answer: str) -> bool:
+    return normalize_answer(response) == normalize_answer(answer)
+
+
+def pooled(metrics: list[dict], kind: str) -> dict | None:
+    """One rate over every metric of `kind` (its k and n summed), or None without one."""
+    chosen = [m for m in metrics if m["kind"] == kind]
+    if not chosen:
+        return None
+    return rate(sum(m["k"] for m in chosen), sum(m["n"] for m in chosen))

@@ -1,0 +1,137 @@
+"""`realign eval`: refusal rates on harmful prompts, over-refusal on benign ones, task accuracy."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import RealignError
+from ..io.device import resolve_device
+from ..io.models import apply_adapter, load_causal_lm
+from ..io.output import check_target, write_text_atomic
+from ..progress import Progress
+from ..report import Report
+from .generate import generate
+from .judges import LMJudge, is_refusal
+from .metrics import exact_match, pooled, rate
+from .sources import PromptSet, load_prompts
+
+
+@dataclass
+class Loaded:
+    """A model (adapter merged), its tokenizer and the judge, loaded once for several
+    evaluations (`realign demo` scores refusal and the task on each model)."""
+
+    lm: object
+    tokenizer: object
+    judge: LMJudge | None
+    device: torch.device
+
+
+def load(model: str, adapter: str | None = None, *, judge: str = "keyword", device: str = "auto") -> Loaded:
+    dev = resolve_device(device)
+    lm, tokenizer, _ = load_causal_lm(model, dev)
+    if adapter is not None:
+        lm = apply_adapter(lm, adapter)
+    judge_model = None
+    if judge != "keyword":
+        judge_lm, judge_tokenizer, _ = load_causal_lm(judge, dev, role="judge")
+        judge_model = LMJudge(judge_lm, judge_tokenizer)
+    return Loaded(lm, tokenizer, judge_model, dev)
+
+
+def evaluate(
+    model: str,
+    adapter: str | None = None,
+    *,
+    harmful: Sequence[str] = (),
+    benign: Sequence[str] = (),
+    task: str | None = None,
+    judge: str = "keyword",
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    device: str = "auto",
+    responses: str | Path | None = None,
+    progress: Progress | None = None,
+    warn: Callable[[str], None] = lambda _: None,
+    loaded: Loaded | None = None,
+) -> Report:
+    """Generate greedily on every prompt set and score it. Returns the report; the caller applies
+    any gate (`summary['harmful_refusal']['rate']`). `loaded`: `model` with `adapter` (and the
+    judge) already loaded by `load`, so that several evaluations share one load."""
+    started = time.perf_counter()
+    if not harmful and not benign and task is None:
+        raise RealignError("nothing to evaluate: give --harmful, --benign and/or --task")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise RealignError("--max-new-tokens and --batch-size must be at least 1")
+    sets: list[tuple[str, PromptSet]] = [("harmful", load_prompts(s)) for s in harmful]
+    sets += [("benign", load_prompts(s)) for s in benign]
+    if task is not None:
+        sets.append(("task", load_prompts(task, with_answers=True)))
+    if responses is not None:
+        check_target(Path(responses), True, [Path(model)] + ([Path(adapter)] if adapter else []), what="responses file")
+    if loaded is None:
+        loaded = load(model, adapter, judge=judge, device=device)
+    lm, tokenizer, judge_model, dev = loaded.lm, loaded.tokenizer, loaded.judge, loaded.device
+    load_done = time.perf_counter()
+
+    total = sum(len(s) for _, s in sets)
+    done = 0
+    metrics, records = [], []
+    notes: list[str] = []
+    for kind, prompt_set in sets:
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total)
+
+        texts, templated = generate(lm, tokenizer, prompt_set.prompts, max_new_tokens, batch_size, step)
+        if not templated and not notes:
+            notes.append("the tokenizer has no chat template; prompts used the plain template 'User: ...\\nAssistant:'")
+            warn(notes[-1])
+        if kind == "task":
+            flags = [exact_match(t, a) for t, a in zip(texts, prompt_set.answers)]
+        elif judge_model is not None:
+            flags = judge_model.refusals(prompt_set.prompts, texts)
+        else:
+            flags = [is_refusal(t) for t in texts]
+        metric = {"source": prompt_set.name, "kind": kind, **rate(sum(flags), len(flags))}
+        metric["measures"] = "accuracy" if kind == "task" else "refusal"
+        metrics.append(metric)
+        for i, (prompt, text, flag) in enumerate(zip(prompt_set.prompts, texts, flags)):
+            record = {"source": prompt_set.name, "kind": kind, "prompt": prompt, "response": text}
+            if kind == "task":
+                record.update(answer=prompt_set.answers[i], correct=flag)
+            else:
+                record["refusal"] = flag
+            records.append(record)
+    finished = time.perf_counter()
+
+    summary = {
+        "harmful_refusal": pooled(metrics, "harmful"),
+        "over_refusal": pooled(metrics, "benign"),
+        "task_accuracy": pooled(metrics, "task"),
+        "prompts": total,
+    }
+    report = Report(
+        command="eval",
+        inputs={"model": str(model), "adapter": None if adapter is None else str(adapter)},
+        settings={
+            "harmful": list(harmful), "benign": list(benign), "task": task, "judge": judge,
+            "max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": str(dev), "decoding": "greedy",
+        },
+        metrics=metrics,
+        summary=summary,
+        timings={"load_s": round(load_done - started, 3), "generate_s": round(finished - load_done, 3), "total_s": round(finished - started, 3)},
+        notes=notes,
+    )
+    if responses is not None:
+        write_text_atomic(Path(responses), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        report.output = str(responses)
+    return report

@@ -1,0 +1,61 @@
+"""Record files (JSONL, a JSON array, CSV, plain text) read as records, with one clear error per
+bad file or line. What the records mean is up to the caller (eval prompt sources, calibration
+examples)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..errors import RealignError
+
+# fields that hold a prompt or an answer, in order of preference (the usual names of public datasets)
+PROMPT_FIELDS = ("prompt", "instruction", "goal", "behavior", "question", "query", "text", "input")
+ANSWER_FIELDS = ("answer", "target", "output", "response", "completion")
+
+
+def split_limit(spec: str) -> tuple[str, int | None]:
+    """(spec, N) of `spec@N`, or (spec, None) without a limit."""
+    match = re.fullmatch(r"(.+)@(\d+)", spec)
+    if not match:
+        return spec, None
+    if int(match[2]) < 1:
+        raise RealignError(f"source '{spec}': the @N limit must be at least 1")
+    return match[1], int(match[2])
+
+
+def read_text(path: Path, what: str = "prompt file") -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RealignError(f"cannot read {what} '{path}': {exc}") from None
+
+
+def pick(record: dict, fields: tuple[str, ...]) -> str | None:
+    for name in fields:
+        value = record.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    return None
+
+
+def json_records(path: Path, role: str) -> list[tuple[int, object]]:
+    text = read_text(path, role)
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON array of records
+        try:
+            return list(enumerate(json.loads(stripped), start=1))
+        except json.JSONDecodeError as exc:
+            raise RealignError(f"{role} '{path}' is not valid JSON: {exc}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise RealignError(f"{role} '{path}', line {number}: not valid JSON ({exc.msg})") from None
+    return records

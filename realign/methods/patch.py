@@ -1,0 +1,63 @@
+"""The one driver of every command that patches an adapter or a checkpoint.
+
+A method describes its run as a `Patch` (what it read, how it scores and selects modules, what
+it writes); `run` takes it through the same steps for all of them: plan (load and check every
+input by name, before any work), score, select, report, and write atomically into OUT with the
+report beside it. A dry run stops before writing. Nothing is written when any step fails.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import require_output
+from ..io.output import atomic_directory, check_target
+from ..progress import Progress
+from ..report import REPORT_FILE, Report, stage_timings
+
+
+class Patch:
+    """One run of a patching method, after its inputs were loaded and checked (its constructor's
+    job). Subclasses implement the four steps; `results` is whatever `score` returns."""
+
+    def inputs(self) -> list[Path]:
+        """Every input path: OUT may not overlap any of them."""
+        raise NotImplementedError
+
+    def score(self, progress: Progress | None) -> Any:
+        raise NotImplementedError
+
+    def select(self, results: Any) -> set[str]:
+        raise NotImplementedError
+
+    def report(self, results: Any, selected: set[str]) -> Report:
+        raise NotImplementedError
+
+    def write(self, staging: Path, results: Any, selected: set[str], report: Report) -> None:
+        """Fill `staging` (an empty directory that becomes OUT); may add to `report`."""
+        raise NotImplementedError
+
+
+def run(plan: Callable[[], Patch], out: str | Path | None, *, dry_run: bool = False, force: bool = False,
+        progress: Progress | None = None) -> Report:
+    """Plan, score, select, report and (unless `dry_run`) write to `out`; see the module docstring."""
+    started = time.perf_counter()
+    require_output(out, dry_run)
+    patch = plan()
+    if not dry_run:
+        check_target(Path(out), force, patch.inputs())
+    planned = time.perf_counter()
+    results = patch.score(progress)
+    selected = patch.select(results)
+    computed = time.perf_counter()
+    report = patch.report(results, selected)
+    if not dry_run:
+        report.output = str(Path(out))
+        with atomic_directory(Path(out), force, patch.inputs()) as staging:
+            patch.write(staging, results, selected, report)
+            report.timings = {**report.timings, **stage_timings(started, planned, computed)}
+            (staging / REPORT_FILE).write_text(report.to_json())
+    report.timings = {**report.timings, **stage_timings(started, planned, computed)}
+    return report

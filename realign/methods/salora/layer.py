@@ -1,0 +1,125 @@
+"""The SaLoRA layer for training: h = W_res x + b + s C B A x with C = I - V_s V_s^T frozen.
+
+Use it with `realign salora train`, or in your own loop:
+
+    from realign.methods.salora.layer import attach, trainable_factors
+    model = AutoModelForCausalLM.from_pretrained(aligned)
+    layers = attach(model, "INIT_DIR")        # replaces the targeted linear layers in place
+    optimizer = torch.optim.AdamW(trainable_factors(model), lr=1e-4)
+    ...                                        # train; then save_factors(model, RUN_DIR) and export
+
+C acts on the LoRA branch's output inside the forward pass, so gradients see it; folding C into
+B once would not be equivalent under Adam. Never merge through PEFT during training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ...errors import RealignError
+from ...io.adapter import Adapter
+from ...io.identity import weights_digest
+from ...io.names import find_module
+from ...io.targets import find_targets
+from .math import project_out_rows
+from .module import read_module
+
+INIT_FILE = "salora_init.json"
+RESIDUAL_FILE = "salora_residual.safetensors"
+MODULE_FILE = "salora_module.safetensors"
+FACTORS_FILE = "salora_factors.safetensors"
+
+
+class SaLoRALinear(torch.nn.Module):
+    """A linear layer with weight W_res, bias b, and a LoRA branch whose output is kept out of
+    the safety subspace span(V_s)."""
+
+    def __init__(self, w_res: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                 safety_basis: torch.Tensor, scaling: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(w_res, requires_grad=False)  # [out, in]
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.lora_A = torch.nn.Parameter(a)
+        self.lora_B = torch.nn.Parameter(b)
+        self.register_buffer("safety_basis", safety_basis)
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (self.scaling * project_out_rows(self.safety_basis.to(update.dtype), update)).to(y.dtype)
+
+
+def read_init(init_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(settings, factors {path: (A0, B0)} as a flat dict of tensors, W_res by path, V_s by path)."""
+
+    root = Path(init_dir).expanduser()
+    if not (root / INIT_FILE).is_file() or not (root / RESIDUAL_FILE).is_file():
+        raise RealignError(f"'{init_dir}' is not a SaLoRA init directory (from `realign salora init`)")
+    settings = json.loads((root / INIT_FILE).read_text())
+    residual = load_file(root / RESIDUAL_FILE)
+    bases, _ = read_module(root / MODULE_FILE)
+    init = Adapter.load(str(root), "SaLoRA init")
+    factors = {}
+    for module in init.modules:
+        factors[module.name] = (init.tensors[module.key_a], init.tensors[module.key_b])
+    return settings, factors, residual, bases
+
+
+def attach(model, init_dir: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, SaLoRALinear]:
+    """Replace each targeted layer of `model` by a SaLoRALinear from INIT_DIR (A and B start at
+    A0, B0, or at `factors` to resume); freeze everything else. Returns the new layers by path."""
+
+    settings, init_factors, residual, bases = read_init(init_dir)
+    paths = settings["modules"]
+    targets = find_targets(model, tuple(paths))
+    by_path = {t.path: t for t in targets}
+    missing = [p for p in paths if p not in by_path]
+    if missing:
+        raise RealignError(f"the model has no module '{missing[0]}' of the SaLoRA init")
+    chosen = [by_path[p] for p in paths]
+    if weights_digest(chosen) != settings["aligned_digest"]:
+        raise RealignError("the SaLoRA init was computed from another model (the targeted aligned weights differ)")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    layers = {}
+    for target in chosen:
+        device = target.module.weight.device
+        a, b = (factors or init_factors)[_init_name(target.path, init_factors)]
+        layer = SaLoRALinear(
+            residual[target.path + ".weight"].to(device, torch.float32),
+            None if target.bias() is None else target.bias().float(),
+            a.to(device, torch.float32).clone(),
+            b.to(device, torch.float32).clone(),
+            bases[target.path].to(device, torch.float32),
+            settings["scaling"],
+        )
+        parent_name, _, child = target.path.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        layers[target.path] = layer
+    return layers
+
+
+def _init_name(path: str, factors: dict) -> str:
+
+    found = find_module(path, factors, "SaLoRA init")
+    if found is None:
+        raise RealignError(f"the SaLoRA init has no factors for '{path}'")
+    return found
+
+
+def trainable_factors(model) -> list[torch.nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, SaLoRALinear) for p in (m.lora_A, m.lora_B)]
+
+
+def factors_of(layers: dict[str, SaLoRALinear]) -> dict[str, torch.Tensor]:
+    """The trained factors as a flat tensor dict: '<path>.lora_A' and '<path>.lora_B'."""
+    out = {}
+    for path, layer in layers.items():
+        out[path + ".lora_A"] = layer.lora_A.detach().float().cpu().contiguous()
+        out[path + ".lora_B"] = layer.lora_B.detach().float().cpu().contiguous()
+    return out

@@ -21,6 +21,16 @@ BATCHING = "length-grouped/16"
 
 
 LOSSES = ("response", "full")
+# constant: realign's default (the rate the user gives, every step); linear: decayed to zero over
+# the run with no warm-up, as the Hugging Face Trainer does by default (SaLoRA's reference)
+LR_SCHEDULES = ("constant", "linear")
+
+
+def scheduled_lr(lr: float, step: int, steps: int, schedule: str) -> float:
+    """The learning rate of 0-based `step` of `steps`: `lr`, or lr * (steps - step) / steps."""
+    if schedule == "linear":
+        return lr * (steps - step) / steps
+    return lr
 
 
 def pack_blocks(tokenizer, examples: Sequence[Example], block_size: int) -> list[tuple[list[int], list[int]]]:
@@ -122,6 +132,7 @@ def sft(
     checkpoint_every: int = 0,
     loss: str = "response",
     block_size: int = 128,
+    lr_schedule: str = "constant",
 ) -> list[float]:
     """Train `params` (default: the model's trainable parameters) for `steps` AdamW steps on
     shuffled, length-grouped batches (`length_grouped_batches`); returns the loss of every step run.
@@ -130,7 +141,11 @@ def sft(
     resumed run sees the same batches as an uninterrupted one. `checkpoint(step, optimizer)` is
     called every `checkpoint_every` steps and after the last. `loss`: "response" (labels on the
     response tokens, one example a row) or "full" (every token, packed `block_size` blocks).
+    `lr_schedule`: see `scheduled_lr`; the rate depends on the step alone, so a resumed run
+    follows the same schedule.
     """
+    if lr_schedule not in LR_SCHEDULES:
+        raise RealignError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{lr_schedule}'")
     if not examples:
         raise RealignError("no training examples")
     encoded = training_items(tokenizer, examples, loss, max_length, block_size)
@@ -157,6 +172,8 @@ def sft(
             continue
         batch = collate([encoded[i] for i in chosen], pad_id, prefix_len)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        for group in optimizer.param_groups:
+            group["lr"] = scheduled_lr(lr, step, steps, lr_schedule)
         loss = response_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -457,3 +457,28 @@ def test_sequential_task_pass_equals_the_literal_reference_procedure(pipeline, t
     with pytest.raises(RealignError, match="made a sequential task pass"):
         realign.salora_init(str(pipeline["model"]), root / "m.safetensors", None, tmp_path / "x", task_from=tmp_path / "seq", rank=4, alpha=8,
                  rank_task=6, device="cpu")
+
+
+def test_linear_lr_schedule_resumes_on_the_same_schedule(pipeline, tmp_path):
+    """The reference's linear decay: an interrupted run resumes at the rate of its step, so it ends
+    where an uninterrupted one does, and both differ from the constant rate."""
+    args = (str(pipeline["model"]), pipeline["root"] / "init", str(pipeline["task"]))
+    kwargs = dict(epochs=2, lr=5e-3, batch_size=4, save_every=2, device="cpu", lr_schedule="linear")
+    full = realign.salora_train(*args, tmp_path / "full", **kwargs)
+    assert full.settings["lr_schedule"] == "linear"
+
+    def interrupt(step, total, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        realign.salora_train(*args, tmp_path / "cut", on_step=interrupt, **kwargs)
+    assert realign.salora_train(*args, tmp_path / "cut", **kwargs).summary["resumed_from"] == 2
+    a, b = load_file(tmp_path / "full" / "salora_factors.safetensors"), load_file(tmp_path / "cut" / "salora_factors.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    realign.salora_train(*args, tmp_path / "constant", **{**kwargs, "lr_schedule": "constant"})
+    c = load_file(tmp_path / "constant" / "salora_factors.safetensors")
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    with pytest.raises(RealignError, match="other settings"):  # a run cannot switch schedules on resume
+        realign.salora_train(*args, tmp_path / "full", **{**kwargs, "lr_schedule": "constant", "epochs": 2})
+    with pytest.raises(RealignError, match="--lr-schedule"):
+        realign.salora_train(*args, tmp_path / "x", lr_schedule="cosine", device="cpu")

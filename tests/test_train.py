@@ -236,3 +236,10 @@ def test_packed_blocks_cut_the_token_stream_and_the_full_loss_is_the_models_own(
     assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
     with pytest.raises(RealignError, match="fewer than one block"):
         pack_blocks(tokenizer, examples[:1], 10**4)
+
+
+def test_scheduled_lr():
+    from realign.training import scheduled_lr
+
+    assert [scheduled_lr(1.0, s, 4, "constant") for s in range(4)] == [1.0] * 4
+    assert [scheduled_lr(2.0, s, 4, "linear") for s in range(4)] == [2.0, 1.5, 1.0, 0.5]  # HF's linear decay, no warm-up

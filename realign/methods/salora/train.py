@@ -18,7 +18,7 @@ from ...io.device import resolve_device
 from ...io.models import load_causal_lm
 from ...io.output import check_target
 from ...report import REPORT_FILE, Report
-from ...training import BATCHING, LOSSES, sft, training_items
+from ...training import BATCHING, LOSSES, LR_SCHEDULES, sft, training_items
 from .layer import FACTORS_FILE, attach, factors_of, read_init
 
 
@@ -46,18 +46,23 @@ def train(
     on_step: Callable[[int, int, float], None] | None = None,
     loss: str = "response",
     block_size: int = 128,
+    lr_schedule: str = "constant",
 ) -> Report:
     """Train A and B of every SaLoRA layer (C frozen) with a response-only loss (or, with
     loss="full", the reference's full-sequence loss on packed `block_size` blocks); checkpoints to
     RUN_DIR every `save_every` steps and at the end; an interrupted run resumes where it stopped
-    (the same batches, the optimizer state restored) unless `restart`."""
+    (the same batches, the optimizer state restored) unless `restart`.
 
+    `lr_schedule`: "constant" (default: `lr` at every step, what realign's testbed was measured
+    with) or "linear" (decayed to zero over the run, as the reference's Trainer does)."""
 
     started = time.perf_counter()
     if not epochs > 0 or not lr > 0 or batch_size < 1 or max_length < 2 or save_every < 0:
         raise RealignError("--epochs and --lr must be positive, --batch-size at least 1, --max-length at least 2")
     if loss not in LOSSES:
         raise RealignError(f"--loss must be one of {', '.join(LOSSES)}, got '{loss}'")
+    if lr_schedule not in LR_SCHEDULES:
+        raise RealignError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{lr_schedule}'")
     settings_init, _, _, _ = read_init(init_dir)
     examples = load_examples(train_data, "training data")
     if max_steps is not None and max_steps < 1:
@@ -70,7 +75,8 @@ def train(
     run = Path(run_dir).expanduser()
     plan = {"init": str(Path(init_dir).expanduser().resolve()), "train_data_sha256": hashlib.sha256(data_path(train_data).read_bytes()).hexdigest(),
             "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed, "steps": steps,
-            "batching": BATCHING, **({"loss": loss, "block_size": block_size} if loss != "response" else {})}
+            "batching": BATCHING, **({"loss": loss, "block_size": block_size} if loss != "response" else {}),
+            **({"lr_schedule": lr_schedule} if lr_schedule != "constant" else {})}
     state = json.loads((run / RUN_STATE).read_text()) if (run / RUN_STATE).is_file() and not restart else None
     if state is not None and state["plan"] != plan:
         raise RealignError(f"'{run_dir}' holds a run with other settings or data; use --restart to start over")
@@ -110,9 +116,9 @@ def train(
     if start < steps:
         sft(model, tokenizer, examples, steps=steps, batch_size=batch_size, lr=lr, max_length=max_length, seed=seed,
             on_step=step_done, params=params, start_step=start, optimizer_state=optimizer_state, checkpoint=checkpoint,
-            checkpoint_every=save_every, loss=loss, block_size=block_size)
+            checkpoint_every=save_every, loss=loss, block_size=block_size, lr_schedule=lr_schedule)
     report = Report(command="salora train", inputs={"aligned": str(aligned), "init": str(init_dir), "train_data": str(train_data)},
-                    settings={**plan, "loss": loss, "device": str(dev)},
+                    settings={**plan, "loss": loss, "lr_schedule": lr_schedule, "device": str(dev)},
                     summary={"steps": steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
                              "last_loss": losses[-1] if losses else None, "modules": len(layers)},
                     output=str(run))

@@ -34,6 +34,7 @@ _API = {
     "salora_train": ("realign.methods.salora.train", "train"),
     "salora_export": ("realign.methods.salora.export", "export"),
     "salora_apply": ("realign.methods.salora.export", "apply"),
+    "scale": ("realign.methods.scale.run", "scale"),
     "audit": ("realign.audit.gate", "audit"),
     "AuditPolicy": ("realign.audit.gate", "Policy"),
     "evaluate": ("realign.eval.run", "evaluate"),
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .methods.salora.module import module as salora_module
     from .methods.salora.module import narrow_module as salora_narrow_module
     from .methods.salora.train import train as salora_train
+    from .methods.scale.run import scale
     from .report import Report
 
 

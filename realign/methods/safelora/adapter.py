@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ...errors import RealignError, ensure_finite
-from ...io.adapter import Adapter, LoraModule
+from ...io.adapter import Adapter
 from ...io.adapter_writer import write_patched
 from ...io.checkpoint import Checkpoint
 from ...io.device import resolve_device
@@ -16,9 +16,9 @@ from ...linalg import LowRank, frobenius_norm, lowrank_top_left_singular_vectors
 from ...progress import Progress
 from ...report import Report
 from ..alignment import Alignment
-from ..patch import Patch, run
+from ..patch import run
 from . import math as method
-from .settings import check_scored, make_settings, notes, report_settings, score_summary, validate
+from .scoring import SafeLoraPatch, check_scored, make_settings, module_row, validate
 
 # Upper bound on the float64 alignment matrices stacked for one batched decomposition.
 _EXACT_BATCH_BYTES = 1 << 29
@@ -69,7 +69,7 @@ def _factors(adapter: Adapter):
         yield module.key_b, adapter.tensors[module.key_b]
 
 
-class AdapterPatch(Patch):
+class AdapterPatch(SafeLoraPatch):
     def __init__(self, base: str, aligned: str, adapter: str, settings: method.Settings, device: torch.device):
         self.names = {"base": str(base), "aligned": str(aligned), "adapter": str(adapter)}
         self.settings, self.device = settings, device
@@ -78,6 +78,7 @@ class AdapterPatch(Patch):
         base_ckpt = Checkpoint.open(base, "base")
         base_ckpt.validate()
         self.alignment = Alignment(base_ckpt, aligned)
+        self.kind = self.alignment.kind
         for module in self.fine_tuned.modules:
             self.alignment.plan(module.name, (module.d_out, module.d_in), fan_in_fan_out=self.fine_tuned.fan_in_fan_out)
         for key, tensor in _factors(self.fine_tuned):
@@ -107,29 +108,13 @@ class AdapterPatch(Patch):
                                             "module, or the adapter is zero")
         return scores
 
-    def select(self, scores: list[method.ModuleScore]) -> set[str]:
-        return method.select(scores, self.settings)
-
     def report(self, scores: list[method.ModuleScore], selected: set[str]) -> Report:
-        return Report(
-            command="safelora",
-            inputs={**self.names, "aligned_kind": self.alignment.kind},
-            settings=report_settings(self.settings, self.device),
-            modules=[_row(module, score, selected) for module, score in zip(self.fine_tuned.modules, scores)],
-            passthrough=[{"tensor": k, "reason": r} for k, r in self.fine_tuned.passthrough.items()],
-            summary=score_summary(scores, selected, len(self.fine_tuned.passthrough)),
-            notes=notes(self.settings),
-        )
+        rows = [module_row(m.name, (m.d_out, m.d_in), m.rank, m.scaling, s, selected) for m, s in zip(self.fine_tuned.modules, scores)]
+        return self.safelora_report(scores, selected, rows, self.fine_tuned.passthrough)
 
     def write(self, staging: Path, scores: list[method.ModuleScore], selected: set[str], report: Report) -> None:
         replaced = {self.fine_tuned.module(s.name).key_b: s.projected_b for s in scores if s.name in selected}
         write_patched(self.fine_tuned, staging, replaced)
-
-
-def _row(module: LoraModule, score: method.ModuleScore, selected: set[str]) -> dict:
-    return {"name": module.name, "shape": [module.d_out, module.d_in], "rank": module.rank, "scaling": module.scaling,
-            "similarity": score.similarity, "projected": module.name in selected, "alignment_norm": score.alignment_norm,
-            "skipped": score.skip_reason}
 
 
 def safelora(

@@ -36,10 +36,10 @@ from ...linalg import (
 from ...progress import Progress
 from ...report import Report
 from ..alignment import Alignment, StoredWeight, orient, read_weight
-from ..patch import Patch, run
+from ..patch import run
 from . import math as method
 from .adapter import check_rank
-from .settings import check_scored, make_settings, notes, report_settings, score_summary, validate
+from .scoring import SafeLoraPatch, check_scored, make_settings, module_row, validate
 
 # Upper bound on the float32 matrices of one batch (about four per module: V, dW, C dW and a
 # temporary); a 4096 x 11008 module alone is 180 MB, so a 7B model runs one or two at a time.
@@ -242,13 +242,16 @@ def _write_adapter(source: FullSource, projector: Projector, selected: set[str],
     return errors
 
 
-class FullPatch(Patch):
+class FullPatch(SafeLoraPatch):
+    notes = ("dW = W_finetuned - W_aligned in float32; C dW computed densely per module",)
+
     def __init__(self, base: str, aligned: str, finetuned: str, targets: tuple[str, ...], settings: method.Settings,
                  as_adapter: bool, adapter_rank: int | None, device: torch.device, progress: Progress | None):
         self.names = {"base": str(base), "aligned": str(aligned), "finetuned": str(finetuned)}
         self.settings, self.device, self.progress = settings, device, progress
         self.as_adapter, self.adapter_rank = as_adapter, adapter_rank
         self.source = FullSource(base, aligned, finetuned, targets)
+        self.kind = self.source.kind
         validate(settings, len(self.source.modules))
 
     def inputs(self) -> list[Path]:
@@ -260,21 +263,9 @@ class FullPatch(Patch):
                                             "are equal on every target")
         return scores
 
-    def select(self, scores: list[method.ModuleScore]) -> set[str]:
-        return method.select(scores, self.settings)
-
     def report(self, scores: list[method.ModuleScore], selected: set[str]) -> Report:
-        modules = [{"name": m.name, "shape": list(m.shape), "rank": None, "scaling": None, "similarity": s.similarity,
-                    "projected": m.name in selected, "alignment_norm": s.alignment_norm, "skipped": s.skip_reason}
-                   for m, s in zip(self.source.modules, scores)]
-        return Report(
-            command="safelora",
-            inputs={**self.names, "aligned_kind": self.source.kind},
-            settings=report_settings(self.settings, self.device),
-            modules=modules,
-            summary=score_summary(scores, selected, 0),
-            notes=["dW = W_finetuned - W_aligned in float32; C dW computed densely per module", *notes(self.settings)],
-        )
+        rows = [module_row(m.name, m.shape, None, None, s, selected) for m, s in zip(self.source.modules, scores)]
+        return self.safelora_report(scores, selected, rows, {})
 
     def write(self, staging: Path, scores: list[method.ModuleScore], selected: set[str], report: Report) -> None:
         projector = Projector(self.source, self.settings, self.device)

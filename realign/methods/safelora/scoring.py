@@ -1,11 +1,14 @@
-"""Safe LoRA's settings as the user gives them: defaults, checks, and how they read in a report."""
+"""What the adapter and full-checkpoint paths of Safe LoRA share: the settings (defaults, checks),
+the selection of modules from their scores, and the report."""
 
 from __future__ import annotations
 
 import math
 
 from ...errors import RealignError
-from .math import APPROX, EXACT, ModuleScore, Settings
+from ...report import Report
+from ..patch import Patch
+from .math import APPROX, EXACT, ModuleScore, Settings, select
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -41,17 +44,6 @@ def check_scored(scores: list[ModuleScore], settings: Settings, empty: str) -> N
         raise RealignError(f"--top-k {settings.top_k} exceeds the {scored} modules with a defined similarity")
 
 
-def report_settings(settings: Settings, device) -> dict:
-    return {"selection": settings.selection, "threshold": settings.threshold, "top_k": settings.top_k,
-            "projection": settings.projection, "rank": settings.rank, "device": str(device)}
-
-
-def notes(settings: Settings) -> list[str]:
-    if settings.projection == APPROX:
-        return ["C = V V^T / ||V||_F as in the paper and reference code; it is not an idempotent projector"]
-    return []
-
-
 def score_summary(scores: list[ModuleScore], selected: set[str], passthrough: int) -> dict:
     """Counts and min / mean / max similarity; there is at least one defined similarity."""
     scored = [s.similarity for s in scores if s.similarity is not None]
@@ -65,3 +57,35 @@ def score_summary(scores: list[ModuleScore], selected: set[str], passthrough: in
         "mean_similarity": sum(scored) / len(scored),
         "max_similarity": max(scored),
     }
+
+
+def module_row(name: str, shape, rank: int | None, scaling: float | None, score: ModuleScore, selected: set[str]) -> dict:
+    return {"name": name, "shape": list(shape), "rank": rank, "scaling": scaling, "similarity": score.similarity,
+            "projected": name in selected, "alignment_norm": score.alignment_norm, "skipped": score.skip_reason}
+
+
+class SafeLoraPatch(Patch):
+    """Selection and report of both paths; subclasses set `settings`, `device`, `names`
+    (input names for the report) and `kind` (of the alignment source) and score and write."""
+
+    settings: Settings
+    notes: tuple[str, ...] = ()
+
+    def select(self, scores: list[ModuleScore]) -> set[str]:
+        return select(scores, self.settings)
+
+    def safelora_report(self, scores: list[ModuleScore], selected: set[str], rows: list[dict], passthrough: dict[str, str]) -> Report:
+        s = self.settings
+        notes = list(self.notes)
+        if s.projection == APPROX:
+            notes.append("C = V V^T / ||V||_F as in the paper and reference code; it is not an idempotent projector")
+        return Report(
+            command="safelora",
+            inputs={**self.names, "aligned_kind": self.kind},
+            settings={"selection": s.selection, "threshold": s.threshold, "top_k": s.top_k, "projection": s.projection,
+                      "rank": s.rank, "device": str(self.device)},
+            modules=rows,
+            passthrough=[{"tensor": k, "reason": r} for k, r in passthrough.items()],
+            summary=score_summary(scores, selected, len(passthrough)),
+            notes=notes,
+        )

@@ -40,6 +40,22 @@ class Patch:
         raise NotImplementedError
 
 
+def write_output(out: Path, force: bool, inputs: list[Path], report: Report, fill: Callable[[Path], None],
+                 timings: Callable[[], dict[str, float]]) -> None:
+    """Fill a staging directory with `fill`, put the report (with `timings()` taken last) beside
+    it, and rename it to `out`: a failure anywhere leaves nothing at `out`. Every command that
+    writes a directory ends here."""
+    report.output = str(out)
+    with atomic_directory(out, force, inputs) as staging:
+        fill(staging)
+        report.timings = {**report.timings, **timings()}
+        (staging / REPORT_FILE).write_text(report.to_json())
+
+
+def total_time(started: float) -> Callable[[], dict[str, float]]:
+    return lambda: {"total_s": round(time.perf_counter() - started, 4)}
+
+
 def run(plan: Callable[[], Patch], out: str | Path | None, *, dry_run: bool = False, force: bool = False,
         progress: Progress | None = None) -> Report:
     """Plan, score, select, report and (unless `dry_run`) write to `out`; see the module docstring."""
@@ -54,10 +70,7 @@ def run(plan: Callable[[], Patch], out: str | Path | None, *, dry_run: bool = Fa
     computed = time.perf_counter()
     report = patch.report(results, selected)
     if not dry_run:
-        report.output = str(Path(out))
-        with atomic_directory(Path(out), force, patch.inputs()) as staging:
-            patch.write(staging, results, selected, report)
-            report.timings = {**report.timings, **stage_timings(started, planned, computed)}
-            (staging / REPORT_FILE).write_text(report.to_json())
+        write_output(Path(out), force, patch.inputs(), report, lambda staging: patch.write(staging, results, selected, report),
+                     lambda: stage_timings(started, planned, computed))
     report.timings = {**report.timings, **stage_timings(started, planned, computed)}
     return report

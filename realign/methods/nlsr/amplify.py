@@ -10,8 +10,9 @@ from ... import __version__
 from ...errors import RealignError
 from ...io.adapter import Adapter
 from ...io.adapter_writer import write_patched
-from ...io.output import atomic_directory, check_target
-from ...report import REPORT_FILE, Report
+from ...io.output import check_target
+from ...report import Report
+from ..patch import total_time, write_output
 from .pairs import amplified_tensors, check_patchable
 
 
@@ -41,8 +42,6 @@ def amplify(aligned_adapter: str, out: str | Path, *, factor: float = DEFAULT_AM
         summary={"modules": len(aligned.modules), "amplify": factor},
         output=str(out),
     )
-    with atomic_directory(out, force, [aligned.directory]) as staging:
-        write_patched(aligned, staging, replaced, metadata)
-        report.timings = {"total_s": round(time.perf_counter() - started, 4)}
-        (staging / REPORT_FILE).write_text(report.to_json())
+    write_output(out, force, [aligned.directory], report, lambda staging: write_patched(aligned, staging, replaced, metadata),
+                 total_time(started))
     return report

@@ -13,9 +13,9 @@ from ...errors import RealignError
 from ...io.adapter import Adapter
 from ...io.adapter_writer import lora_config, write_lora, write_patched
 from ...io.names import find_module
-from ...io.output import atomic_directory, check_target
-from ...report import REPORT_FILE, Report
-from ..patch import Patch, run
+from ...io.output import check_target
+from ...report import Report
+from ..patch import Patch, run, total_time, write_output
 from . import math as method
 from .layer import FACTORS_FILE, read_init
 from .module import read_module
@@ -51,10 +51,7 @@ def export(init_dir: str | Path, run_dir: str | Path, out: str | Path, *, force:
     report = Report(command="salora export", inputs={"init": str(init_dir), "run": str(run_dir)},
                     settings={"rank": 2 * rank, "lora_alpha": 2 * rank * scaling}, modules=rows,
                     summary={"modules": len(rows)}, output=str(out))
-    with atomic_directory(out, force, inputs) as staging:
-        write_lora(staging, config, folded)
-        report.timings = {"total_s": round(time.perf_counter() - started, 4)}
-        (staging / REPORT_FILE).write_text(report.to_json())
+    write_output(out, force, inputs, report, lambda staging: write_lora(staging, config, folded), total_time(started))
     return report
 
 

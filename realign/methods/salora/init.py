@@ -18,10 +18,11 @@ from ...io.device import resolve_device
 from ...io.identity import weights_digest
 from ...io.models import load_causal_lm
 from ...io.names import in_forward_order, layer_prefix, natural_key
-from ...io.output import atomic_directory, check_target
+from ...io.output import check_target
 from ...io.targets import Target, find_targets
 from ...progress import Progress, ticker
-from ...report import REPORT_FILE, Report
+from ...report import Report
+from ..patch import total_time, write_output
 from . import math as method
 from .layer import INIT_FILE, MODULE_FILE, RESIDUAL_FILE, read_init
 from .module import collect_subspaces, read_module, subspaces, taps_for
@@ -181,11 +182,12 @@ def init(
                                                    **({"task_data": str(task_data)} if task_from is None else {"task_from": str(task_from)})},
                     settings={k: v for k, v in settings.items() if k != "modules"}, modules=rows,
                     summary={"modules": len(rows), **stats, **_overlap_summary(rows)}, output=str(out))
-    with atomic_directory(out, force, inputs) as staging:
+
+    def fill(staging: Path) -> None:
         write_lora(staging, lora_config(settings["modules"], rank, alpha, base_model=str(aligned), fan_in_fan_out=conv1d), factors)
         save_file(residual, staging / RESIDUAL_FILE, metadata={"format": "pt"})
         (staging / MODULE_FILE).write_bytes(Path(module_file).expanduser().read_bytes())
         (staging / INIT_FILE).write_text(json.dumps(settings, indent=2))
-        report.timings = {"total_s": round(time.perf_counter() - started, 4)}
-        (staging / REPORT_FILE).write_text(report.to_json())
+
+    write_output(out, force, inputs, report, fill, total_time(started))
     return report

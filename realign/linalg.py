@@ -154,6 +154,20 @@ def randomized_top_left_singular_vectors(
     return q @ u_small.to(a.dtype)
 
 
+def truncated_factors(stacked: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, list[float | None]]:
+    """A rank-`rank` factorisation B A of each matrix of a batch (b, m, n), from its top singular
+    vectors (randomized subspace iteration, seeded): (A (b, k, n), B (b, m, k), each matrix's
+    relative Frobenius error ||M - B A|| / ||M||, measured; None for a zero matrix)."""
+    basis = randomized_top_left_singular_vectors(stacked, rank)
+    right = basis.mT @ stacked
+    residual = stacked - basis @ right
+    errors: list[float | None] = []
+    for i in range(stacked.shape[0]):
+        total = float(stacked[i].square().sum(-1).double().sum())
+        errors.append(None if total == 0 else (float(residual[i].square().sum(-1).double().sum()) / total) ** 0.5)
+    return right, basis, errors
+
+
 def lowrank_top_left_singular_vectors(v: LowRank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k left singular vectors and the singular values of L R, via a thin QR of L."""
     q, r = torch.linalg.qr(v.left.double())

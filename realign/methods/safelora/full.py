@@ -10,7 +10,6 @@ adapter of the patched delta extracted by a truncated SVD.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,8 +29,8 @@ from ...linalg import (
     frobenius_norm,
     gram_apply,
     lowrank_top_left_singular_vectors,
-    randomized_top_left_singular_vectors,
     top_left_singular_vectors,
+    truncated_factors,
 )
 from ...progress import Progress
 from ...report import Report
@@ -224,13 +223,10 @@ def _write_adapter(source: FullSource, projector: Projector, selected: set[str],
             projected, _, _ = projector.project([batch[i] for i in wanted], stacked[wanted])
             for i, p in zip(wanted, projected):
                 stacked[i] = p  # selected modules have V != 0, so p is a tensor
-        basis = randomized_top_left_singular_vectors(stacked, rank)
-        right = basis.mT @ stacked
-        residual = stacked - basis @ right
+        right, basis, batch_errors = truncated_factors(stacked, rank)
         for i, module in enumerate(batch):
-            total = float(stacked[i].square().sum(-1).double().sum())
-            errors[module.name] = None if total == 0 else math.sqrt(float(residual[i].square().sum(-1).double().sum()) / total)
-            if total > 0:  # a module with nothing to carry is left out of the adapter
+            errors[module.name] = batch_errors[i]
+            if batch_errors[i] is not None:  # a module with nothing to carry is left out of the adapter
                 factors[module.name] = (right[i], basis[i])
         done += len(batch)
         if progress:

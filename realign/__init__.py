@@ -35,6 +35,8 @@ _API = {
     "salora_export": ("realign.methods.salora.export", "export"),
     "salora_apply": ("realign.methods.salora.export", "apply"),
     "scale": ("realign.methods.scale.run", "scale"),
+    "resta": ("realign.methods.resta.run", "resta"),
+    "safemerge": ("realign.methods.safemerge.run", "safemerge"),
     "audit": ("realign.audit.gate", "audit"),
     "AuditPolicy": ("realign.audit.gate", "Policy"),
     "evaluate": ("realign.eval.run", "evaluate"),
@@ -60,6 +62,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .methods.salora.module import module as salora_module
     from .methods.salora.module import narrow_module as salora_narrow_module
     from .methods.salora.train import train as salora_train
+    from .methods.resta.run import resta
+    from .methods.safemerge.run import safemerge
     from .methods.scale.run import scale
     from .report import Report
 

@@ -143,7 +143,7 @@ def randomized_top_left_singular_vectors(
     m, n = a.shape[-2:]
     width = k + (oversample if oversample is not None else max(k, 10))
     if width >= min(m, n):
-        return top_left_singular_vectors(a, k)[0]
+        return top_left_singular_vectors(a, k)[0].to(a.dtype)
     gen = torch.Generator(device=a.device).manual_seed(seed)
     omega = torch.randn(a.shape[0], n, width, generator=gen, device=a.device, dtype=a.dtype)
     q = torch.linalg.qr(a @ omega).Q

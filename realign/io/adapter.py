@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import RealignError
+from ..errors import RealignError, ensure_finite
 from .checkpoint import read_json, resolve_local
 from .names import natural_key, strip_peft_prefix
 
@@ -56,6 +56,12 @@ class Adapter:
 
     def __post_init__(self) -> None:
         self._by_name = {m.name: m for m in self.modules}
+
+    def ensure_finite(self, role: str = "adapter") -> None:
+        """Every LoRA factor is free of NaN and Inf (a diverged training run)."""
+        for module in self.modules:
+            for key in (module.key_a, module.key_b):
+                ensure_finite(self.tensors[key], f"{role} tensor '{key}'")
 
     @classmethod
     def load(cls, spec: str, role: str = "adapter") -> "Adapter":

@@ -65,9 +65,7 @@ class Alignment:
         self.aligned: Checkpoint | None = None
         if (aligned_dir / ADAPTER_CONFIG).exists():
             self.aligned_adapter = Adapter.load(str(aligned_dir), "aligned adapter")
-            for module in self.aligned_adapter.modules:
-                for key in (module.key_a, module.key_b):
-                    ensure_finite(self.aligned_adapter.tensors[key], f"aligned adapter tensor '{key}'")
+            self.aligned_adapter.ensure_finite("aligned adapter")
         else:
             self.aligned = Checkpoint(aligned_dir, "aligned")
             self.aligned.validate()
@@ -98,6 +96,12 @@ class Alignment:
                 raise RealignError(f"module '{name}': aligned adapter is {lora.d_out}x{lora.d_in} but the module is "
                                    f"{shape[0]}x{shape[1]}")
         self._plan[name] = (wb, wa, lora)
+
+    def aligned_key(self, name: str) -> StoredWeight:
+        """Where module `name`'s weight is stored in the aligned checkpoint."""
+        if self.aligned is None:
+            raise ValueError("ALIGNED is an adapter: it stores no weights")
+        return self._plan[name][1]
 
     def base_weight(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
         return read_weight(self.base, self._plan[name][0], device, dtype)

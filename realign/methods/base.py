@@ -28,7 +28,7 @@ INPUTS = {
 }
 
 # the methods that ship with realign, imported (and so registered) by `registered()`
-BUILTIN = ("safelora", "nlsr", "salora", "scale")
+BUILTIN = ("safelora", "nlsr", "salora", "scale", "resta", "safemerge")
 
 
 def resolve(reference: str) -> Callable:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import RealignError, ensure_finite
+from ...errors import RealignError
 from ...io.adapter import Adapter, LoraModule
 from ...io.names import find_module, natural_key
 from . import math as method
@@ -18,9 +18,7 @@ def check_patchable(adapter: Adapter, role: str) -> None:
     for key, why in adapter.passthrough.items():
         if "embedding LoRA" in why or "convolution LoRA" in why:
             raise RealignError(f"{role} has {why.split(' (')[0]} ('{key}'); NLSR handles linear LoRA modules only")
-    for module in adapter.modules:
-        for key in (module.key_a, module.key_b):
-            ensure_finite(adapter.tensors[key], f"{role} tensor '{key}'")
+    adapter.ensure_finite(role)
 
 
 _CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")

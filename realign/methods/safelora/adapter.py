@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import RealignError, ensure_finite
+from ...errors import RealignError
 from ...io.adapter import Adapter
 from ...io.adapter_writer import write_patched
 from ...io.checkpoint import Checkpoint
@@ -63,12 +63,6 @@ def check_rank(name: str, sigma: torch.Tensor, rank: int) -> None:
                            "projector is not defined; use a smaller --rank")
 
 
-def _factors(adapter: Adapter):
-    for module in adapter.modules:
-        yield module.key_a, adapter.tensors[module.key_a]
-        yield module.key_b, adapter.tensors[module.key_b]
-
-
 class AdapterPatch(SafeLoraPatch):
     def __init__(self, base: str, aligned: str, adapter: str, settings: method.Settings, device: torch.device):
         self.names = {"base": str(base), "aligned": str(aligned), "adapter": str(adapter)}
@@ -81,8 +75,7 @@ class AdapterPatch(SafeLoraPatch):
         self.kind = self.alignment.kind
         for module in self.fine_tuned.modules:
             self.alignment.plan(module.name, (module.d_out, module.d_in), fan_in_fan_out=self.fine_tuned.fan_in_fan_out)
-        for key, tensor in _factors(self.fine_tuned):
-            ensure_finite(tensor, f"adapter tensor '{key}'")
+        self.fine_tuned.ensure_finite()
 
     def inputs(self) -> list[Path]:
         return [*self.alignment.directories, self.fine_tuned.directory]

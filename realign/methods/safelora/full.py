@@ -35,6 +35,7 @@ from ...linalg import (
 from ...progress import Progress
 from ...report import Report
 from ..alignment import Alignment, StoredWeight, orient, read_weight
+from ..merging import check_output_options
 from ..patch import run
 from . import math as method
 from .adapter import check_rank
@@ -303,10 +304,7 @@ def safelora_full(
     settings = make_settings(threshold, top_k, projection, rank)
 
     def plan() -> FullPatch:
-        if as_adapter and (adapter_rank is None or adapter_rank < 1):
-            raise RealignError("--as-adapter needs --adapter-rank R with R >= 1 (the rank of the extracted LoRA)")
-        if adapter_rank is not None and not as_adapter:
-            raise RealignError("--adapter-rank applies only with --as-adapter")
+        check_output_options(as_adapter, adapter_rank)
         if not targets:
             raise RealignError("--targets needs at least one module name (e.g. q_proj,v_proj) or all-linear")
         patch = FullPatch(base, aligned, finetuned, targets, settings, as_adapter, adapter_rank, resolve_device(device), progress)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ...errors import RealignError, ensure_finite
+from ...errors import RealignError
 from ...io.adapter import Adapter
 from ...io.adapter_writer import write_patched
 from ...linalg import LowRank, frobenius_norm
@@ -19,9 +19,7 @@ class ScalePatch(Patch):
     def __init__(self, adapter: str, weight: float):
         self.name, self.weight = str(adapter), weight
         self.adapter = Adapter.load(adapter, "adapter")
-        for module in self.adapter.modules:
-            for key in (module.key_a, module.key_b):
-                ensure_finite(self.adapter.tensors[key], f"adapter tensor '{key}'")
+        self.adapter.ensure_finite()
 
     def inputs(self) -> list[Path]:
         return [self.adapter.directory]

@@ -1,0 +1,17 @@
+"""RESTA: re-add the safety vector to the fine-tuned model, T' = a T + b S (task arithmetic).
+
+math.py holds DARE; run.py the merge, through methods/merging.py's writers and the patch driver.
+"""
+
+from ..base import Method, register
+
+register(Method(
+    name="resta",
+    title="RESTA",
+    summary="add the safety vector back: T' = task_weight * T + safety_weight * S (optionally DARE on S)",
+    reference="Bhardwaj et al., Language Models are Homer Simpson! Safety Re-Alignment of Fine-tuned Language Models "
+              "through Task Arithmetic, ACL 2024",
+    inputs=("base", "aligned", "adapter"),
+    entry="realign.methods.resta.run:resta",
+    auto_cli=True,
+))

@@ -96,3 +96,33 @@ def test_scale_bad_input_writes_nothing(llama_trio, tmp_path):
     assert not (tmp_path / "out").exists() and list((tmp_path / "taken").iterdir()) == []
     dry = realign.scale(str(llama_trio.adapter), weight=0.5, dry_run=True)
     assert dry.output is None and dry.summary["scaled"] == 14
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("scale", {"weight": 0.4}),
+    ("safelora", {"top_k": 3}),
+    ("resta", {"task_weight": 0.5, "safety_weight": 0.7}),
+    ("safemerge", {"tau": 0.5}),
+])
+def test_in_memory_deltas_equal_the_written_adapter(tmp_path_factory, tmp_path, name, settings):
+    """What `realign repair` evaluates in memory is what the method writes."""
+    from realign.io.adapter import Adapter
+    from realign.linalg import LowRank
+    from realign.methods.patch import adapter_deltas, inspect
+
+    from builders import add_lora, save, tiny_model
+
+    root = tmp_path_factory.mktemp("deltas")
+    save(tiny_model("llama"), root / "base", sharded=False)
+    add_lora(tiny_model("llama"), "llama", seed=3, r=4, target_modules=["q_proj", "v_proj"]).save_pretrained(root / "aligned")
+    add_lora(tiny_model("llama"), "llama", seed=5, r=6).save_pretrained(root / "adapter")
+    inputs = {"base": str(root / "base"), "aligned": str(root / "aligned"), "adapter": str(root / "adapter")}
+    method = get(name)
+    report, deltas = inspect(method.plan(inputs, settings))
+    method.run(*(inputs[i] for i in method.inputs), tmp_path / "out", **settings)
+    written = adapter_deltas(Adapter.load(str(tmp_path / "out")), {})
+    dense = lambda m: m.left @ m.right if isinstance(m, LowRank) else m  # noqa: E731
+    assert set(written) == set(deltas)
+    for module, delta in deltas.items():
+        assert torch.allclose(dense(delta), dense(written[module]), rtol=1e-5, atol=1e-6), module
+    assert report.output is None

@@ -47,6 +47,8 @@ class Method:
     entry: str | None  # "module:function" of the public API function that runs the whole method (None: stages only)
     stages: Mapping[str, str] = field(default_factory=dict)  # stage name -> "module:function"
     data_free: bool = True  # needs no calibration data and no forward pass (cheap to search over)
+    planner: str | None = None  # "module:function" taking the entry's arguments but OUT and the run flags, returning the
+    # plan the patch driver runs (`realign repair` evaluates such methods in memory through it)
     auto_cli: bool = False  # the CLI builds its command from the entry function's signature
 
     def __post_init__(self) -> None:
@@ -59,6 +61,12 @@ class Method:
         if self.entry is None:
             raise RealignError(f"{self.title} runs in stages ({', '.join(self.stages)}), not in one call")
         return resolve(self.entry)
+
+    def plan(self, inputs: dict[str, str], settings: dict) -> Callable:
+        """The method's plan for these inputs (by name) and settings; see `planner`."""
+        if self.planner is None:
+            raise RealignError(f"{self.title} cannot be planned in memory (it needs calibration data or training)")
+        return resolve(self.planner)(*(inputs[name] for name in self.inputs), **settings)
 
     def stage(self, name: str) -> Callable:
         return resolve(self.stages[name])

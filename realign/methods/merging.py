@@ -193,6 +193,16 @@ class MergePatch(Patch):
                       passthrough=[{"tensor": k, "reason": r} for k, r in self.adapter.passthrough.items()],
                       summary={"modules": len(results), "merged": len(selected), "output_kind": kind}, notes=list(self.notes))
 
+    def deltas(self, results, selected: set[str]) -> dict[str, Matrix]:
+        deltas = {}
+        for combo, _ in results:
+            if combo.low_rank and combo.terms:
+                a, b = combo.factors()
+                deltas[combo.name] = LowRank(b, a)
+            elif not combo.low_rank:
+                deltas[combo.name] = combo.matrix()
+        return deltas
+
     def write(self, staging: Path, results, selected: set[str], report: Report) -> None:
         combos = [combo for combo, _ in results]
         kind, base_model = report.summary["output_kind"], self.names["aligned"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import require_output
+from ..linalg import LowRank, Matrix
 from ..io.output import atomic_directory, check_target
 from ..progress import Progress
 from ..report import REPORT_FILE, Report, stage_timings
@@ -39,6 +40,11 @@ class Patch:
         """Fill `staging` (an empty directory that becomes OUT); may add to `report`."""
         raise NotImplementedError
 
+    def deltas(self, results: Any, selected: set[str]) -> dict[str, Matrix]:
+        """What `write` would give each module on top of W_aligned, in memory ([out, in], float32,
+        low-rank where it is): how `realign repair` evaluates a candidate without writing it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be evaluated in memory")
+
 
 def write_output(out: Path, force: bool, inputs: list[Path], report: Report, fill: Callable[[Path], None],
                  timings: Callable[[], dict[str, float]]) -> None:
@@ -54,6 +60,25 @@ def write_output(out: Path, force: bool, inputs: list[Path], report: Report, fil
 
 def total_time(started: float) -> Callable[[], dict[str, float]]:
     return lambda: {"total_s": round(time.perf_counter() - started, 4)}
+
+
+def inspect(plan: Callable[[], Patch]) -> tuple[Report, dict[str, Matrix]]:
+    """Plan, score and select like `run`, but write nothing: the report and every module's update."""
+    patch = plan()
+    results = patch.score(None)
+    selected = patch.select(results)
+    return patch.report(results, selected), patch.deltas(results, selected)
+
+
+def adapter_deltas(adapter, replaced: dict) -> dict[str, Matrix]:
+    """s B A of every module of `adapter` with some factors replaced (how a patched copy changes
+    the model), float32, low-rank."""
+    deltas = {}
+    for module in adapter.modules:
+        a = replaced.get(module.key_a, adapter.tensors[module.key_a]).float()
+        b = replaced.get(module.key_b, adapter.tensors[module.key_b]).float()
+        deltas[module.name] = LowRank(b * module.scaling, a)
+    return deltas
 
 
 def run(plan: Callable[[], Patch], out: str | Path | None, *, dry_run: bool = False, force: bool = False,

@@ -13,5 +13,6 @@ register(Method(
               "through Task Arithmetic, ACL 2024",
     inputs=("base", "aligned", "adapter"),
     entry="realign.methods.resta.run:resta",
+    planner="realign.methods.resta.run:plan_resta",
     auto_cli=True,
 ))

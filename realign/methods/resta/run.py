@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -117,12 +118,19 @@ def resta(
     a checkpoint, DARE, a checkpoint safety vector) gives a patched aligned checkpoint or, with
     `as_adapter`, a rank-`adapter_rank` truncated-SVD adapter with its measured error.
     `safety_weight=0` is plain scaling of T."""
+    return run(plan_resta(base, aligned, adapter, safety_weight=safety_weight, task_weight=task_weight, safety_vector=safety_vector,
+                          dare=dare, seed=seed, as_adapter=as_adapter, adapter_rank=adapter_rank),
+               out, dry_run=dry_run, force=force, progress=progress)
+
+
+def plan_resta(base: str, aligned: str, adapter: str, *, safety_weight: float = 1.0, task_weight: float = 1.0,
+               safety_vector: str | None = None, dare: float | None = None, seed: int = 0, as_adapter: bool = False,
+               adapter_rank: int | None = None) -> Callable[[], RestaPatch]:
+    """The run of `resta`, its settings checked, for the patch driver (or `inspect`)."""
     check_weight("--safety-weight", safety_weight)
     check_weight("--task-weight", task_weight)
     if dare is not None and not (isinstance(dare, (int, float)) and 0.0 <= dare < 1.0):
         raise RealignError(f"--dare must be a drop probability in [0, 1), got {dare}")
     check_output_options(as_adapter, adapter_rank)
-    return run(lambda: RestaPatch(base, aligned, adapter, task_weight=float(task_weight), safety_weight=float(safety_weight),
-                                  safety_vector=safety_vector, dare_p=dare, seed=seed, as_adapter=as_adapter,
-                                  adapter_rank=adapter_rank),
-               out, dry_run=dry_run, force=force, progress=progress)
+    return lambda: RestaPatch(base, aligned, adapter, task_weight=float(task_weight), safety_weight=float(safety_weight),
+                              safety_vector=safety_vector, dare_p=dare, seed=seed, as_adapter=as_adapter, adapter_rank=adapter_rank)

@@ -14,5 +14,6 @@ register(Method(
     reference="Hsu et al., Safe LoRA: the Silver Lining of Reducing Safety Risks when Fine-tuning Large Language Models, NeurIPS 2024",
     inputs=("base", "aligned", "adapter"),
     entry="realign.methods.safelora.adapter:safelora",
+    planner="realign.methods.safelora.adapter:plan_safelora",
     stages={"full": "realign.methods.safelora.full:safelora_full"},
 ))

@@ -4,6 +4,7 @@ alignment direction; every other tensor of the adapter is copied byte for byte."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,7 +17,7 @@ from ...linalg import LowRank, frobenius_norm, lowrank_top_left_singular_vectors
 from ...progress import Progress
 from ...report import Report
 from ..alignment import Alignment
-from ..patch import run
+from ..patch import adapter_deltas, run
 from . import math as method
 from .scoring import SafeLoraPatch, check_scored, make_settings, module_row, validate
 
@@ -105,9 +106,14 @@ class AdapterPatch(SafeLoraPatch):
         rows = [module_row(m.name, (m.d_out, m.d_in), m.rank, m.scaling, s, selected) for m, s in zip(self.fine_tuned.modules, scores)]
         return self.safelora_report(scores, selected, rows, self.fine_tuned.passthrough)
 
+    def replaced(self, scores: list[method.ModuleScore], selected: set[str]) -> dict:
+        return {self.fine_tuned.module(s.name).key_b: s.projected_b for s in scores if s.name in selected}
+
     def write(self, staging: Path, scores: list[method.ModuleScore], selected: set[str], report: Report) -> None:
-        replaced = {self.fine_tuned.module(s.name).key_b: s.projected_b for s in scores if s.name in selected}
-        write_patched(self.fine_tuned, staging, replaced)
+        write_patched(self.fine_tuned, staging, self.replaced(scores, selected))
+
+    def deltas(self, scores: list[method.ModuleScore], selected: set[str]) -> dict:
+        return adapter_deltas(self.fine_tuned, self.replaced(scores, selected))
 
 
 def safelora(
@@ -133,6 +139,12 @@ def safelora(
     projector onto V's top singular vectors). Returns the report; raises RealignError on bad
     input, before anything is written.
     """
+    return run(plan_safelora(base, aligned, adapter, threshold=threshold, top_k=top_k, projection=projection, rank=rank,
+                             device=device), out, dry_run=dry_run, force=force, progress=progress)
+
+
+def plan_safelora(base: str, aligned: str, adapter: str, *, threshold: float | None = None, top_k: int | None = None,
+                  projection: str = method.APPROX, rank: int | None = None, device: str = "auto") -> Callable[[], AdapterPatch]:
+    """The run of `safelora` on an adapter, for the patch driver (or `inspect`)."""
     settings = make_settings(threshold, top_k, projection, rank)
-    return run(lambda: AdapterPatch(base, aligned, adapter, settings, resolve_device(device)), out, dry_run=dry_run, force=force,
-               progress=progress)
+    return lambda: AdapterPatch(base, aligned, adapter, settings, resolve_device(device))

@@ -13,5 +13,6 @@ register(Method(
               "Layer-Wise Model Merging, 2025",
     inputs=("base", "aligned", "adapter"),
     entry="realign.methods.safemerge.run:safemerge",
+    planner="realign.methods.safemerge.run:plan_safemerge",
     auto_cli=True,
 ))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -75,11 +76,19 @@ def safemerge(
     `tau` become task_weight * T + safety_weight * S; the others keep T. Written as an exact LoRA
     when ALIGNED is an adapter on BASE, else as a patched aligned checkpoint or (with
     `as_adapter`) a rank-`adapter_rank` truncated-SVD adapter."""
+    return run(plan_safemerge(base, aligned, adapter, tau=tau, task_weight=task_weight, safety_weight=safety_weight,
+                              as_adapter=as_adapter, adapter_rank=adapter_rank),
+               out, dry_run=dry_run, force=force, progress=progress)
+
+
+def plan_safemerge(base: str, aligned: str, adapter: str, *, tau: float = DEFAULT_TAU, task_weight: float = DEFAULT_TASK_WEIGHT,
+                   safety_weight: float = DEFAULT_SAFETY_WEIGHT, as_adapter: bool = False,
+                   adapter_rank: int | None = None) -> Callable[[], SafeMergePatch]:
+    """The run of `safemerge`, its settings checked, for the patch driver (or `inspect`)."""
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and -1.0 <= tau <= 1.0):
         raise RealignError(f"--tau must be a similarity in [-1, 1], got {tau}")
     check_weight("--task-weight", task_weight)
     check_weight("--safety-weight", safety_weight)
     check_output_options(as_adapter, adapter_rank)
-    return run(lambda: SafeMergePatch(base, aligned, adapter, tau=float(tau), task_weight=float(task_weight),
-                                      safety_weight=float(safety_weight), as_adapter=as_adapter, adapter_rank=adapter_rank),
-               out, dry_run=dry_run, force=force, progress=progress)
+    return lambda: SafeMergePatch(base, aligned, adapter, tau=float(tau), task_weight=float(task_weight),
+                                  safety_weight=float(safety_weight), as_adapter=as_adapter, adapter_rank=adapter_rank)

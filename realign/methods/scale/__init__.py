@@ -13,5 +13,6 @@ register(Method(
     reference="Wortsman et al., Robust fine-tuning of zero-shot models (WiSE-FT), CVPR 2022",
     inputs=("adapter",),
     entry="realign.methods.scale.run:scale",
+    planner="realign.methods.scale.run:plan_scale",
     auto_cli=True,
 ))

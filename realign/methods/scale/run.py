@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 from ...errors import RealignError
 from ...io.adapter import Adapter
 from ...io.adapter_writer import write_patched
 from ...linalg import LowRank, frobenius_norm
 from ...report import Report
-from ..patch import Patch, run
+from ..patch import Patch, adapter_deltas, run
 from .math import scaled
 
 
@@ -42,14 +43,24 @@ class ScalePatch(Patch):
                       notes=["T' = a T: each LoRA module's lora_B is multiplied by the weight, so dW = s B A scales by it "
                              "exactly; lora_A, the scaling and the config are unchanged"])
 
+    def replaced(self, selected: set[str]) -> dict:
+        return {m.key_b: scaled(self.adapter.tensors[m.key_b], self.weight) for m in self.adapter.modules if m.name in selected}
+
     def write(self, staging: Path, rows: list[dict], selected: set[str], report: Report) -> None:
-        replaced = {m.key_b: scaled(self.adapter.tensors[m.key_b], self.weight) for m in self.adapter.modules if m.name in selected}
-        write_patched(self.adapter, staging, replaced)
+        write_patched(self.adapter, staging, self.replaced(selected))
+
+    def deltas(self, rows: list[dict], selected: set[str]) -> dict:
+        return adapter_deltas(self.adapter, self.replaced(selected))
+
+
+def plan_scale(adapter: str, *, weight: float) -> Callable[[], ScalePatch]:
+    """The run of `scale`, its settings checked, for the patch driver (or `inspect`)."""
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and 0.0 <= weight <= 1.0):
+        raise RealignError(f"--weight must be a number in [0, 1] (1 keeps the fine-tune, 0 removes it), got {weight}")
+    return lambda: ScalePatch(adapter, float(weight))
 
 
 def scale(adapter: str, out: str | Path | None = None, *, weight: float, dry_run: bool = False, force: bool = False) -> Report:
     """The fine-tuned adapter's update scaled by `weight` in [0, 1] (T' = a T), written to `out`.
     Every tensor that is not a lora_B factor is copied byte for byte."""
-    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and 0.0 <= weight <= 1.0):
-        raise RealignError(f"--weight must be a number in [0, 1] (1 keeps the fine-tune, 0 removes it), got {weight}")
-    return run(lambda: ScalePatch(adapter, float(weight)), out, dry_run=dry_run, force=force)
+    return run(plan_scale(adapter, weight=weight), out, dry_run=dry_run, force=force)

@@ -1,0 +1,79 @@
+"""The candidates `realign repair` tries: a small generic grid per method, mildest change first,
+and the midpoints where a knob's results flip across the target. Nothing here is tuned to a
+particular model: every value is a fraction of the method's own range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .policy import refine
+
+DEFAULT_METHODS = ("scale", "resta", "safemerge", "safelora")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str
+    settings: tuple[tuple[str, object], ...]  # (name, value) pairs, the method's keyword arguments
+    knob: str | None = None  # the setting the refinement moves (the others stay)
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.settings)
+
+    @property
+    def label(self) -> str:
+        return self.method + " " + " ".join(f"{k}={_fmt(v)}" for k, v in self.settings)
+
+    def with_knob(self, value) -> "Candidate":
+        return Candidate(self.method, tuple((k, value if k == self.knob else v) for k, v in self.settings), self.knob)
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _c(method: str, knob: str | None = None, **settings) -> Candidate:
+    return Candidate(method, tuple(settings.items()), knob)
+
+
+def grid(methods: tuple[str, ...], scored_modules: int | None = None) -> list[Candidate]:
+    """The first round. `scored_modules`: how many modules Safe LoRA can score (its top-k values
+    are fractions of it); without it Safe LoRA is left out."""
+    out: list[Candidate] = []
+    for method in methods:
+        if method == "scale":  # T' = a T: weight 1 is the unrepaired adapter, the reference point
+            out += [_c("scale", "weight", weight=w) for w in (1.0, 0.75, 0.5, 0.25)]
+        elif method == "resta":  # the safety vector added at growing strength, alone and with a shrunk T
+            out += [_c("resta", "safety_weight", task_weight=1.0, safety_weight=b) for b in (0.25, 0.5, 1.0)]
+            out += [_c("resta", "safety_weight", task_weight=0.75, safety_weight=b) for b in (0.5, 1.0)]
+        elif method == "safemerge":  # the paper's weights; more modules merged as tau grows
+            out += [_c("safemerge", "tau", tau=t) for t in (0.2, 0.35, 0.5)]
+        elif method == "safelora" and scored_modules:
+            ks = sorted({max(1, min(scored_modules, round(f * scored_modules))) for f in (0.1, 0.3, 0.6)})
+            out += [_c("safelora", "top_k", top_k=k) for k in ks]
+    return out
+
+
+def refinements(results: list[tuple[Candidate, bool]]) -> list[Candidate]:
+    """Midpoints of each knob where its neighbours disagree on meeting the target (same method,
+    same other settings); integers stay integers, and nothing already tried comes back."""
+    tried = {c for c, _ in results}
+    groups: dict[tuple, list[tuple[Candidate, bool]]] = {}
+    for candidate, ok in results:
+        if candidate.knob is None:
+            continue
+        others = tuple((k, v) for k, v in candidate.settings if k != candidate.knob)
+        groups.setdefault((candidate.method, candidate.knob, others), []).append((candidate, ok))
+    out = []
+    for members in groups.values():
+        points = [(c.kwargs[c.knob], ok) for c, ok in members]
+        for value in refine(points):
+            template = members[0][0]
+            if isinstance(template.kwargs[template.knob], int):
+                value = int(round(value))
+            candidate = template.with_knob(value)
+            if candidate not in tried:
+                tried.add(candidate)
+                out.append(candidate)
+    return out

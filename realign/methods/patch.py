@@ -47,7 +47,7 @@ class Patch:
 
 
 def write_output(out: Path, force: bool, inputs: list[Path], report: Report, fill: Callable[[Path], None],
-                 timings: Callable[[], dict[str, float]]) -> None:
+                 timings: Callable[[], dict[str, float]], report_name: str = REPORT_FILE) -> None:
     """Fill a staging directory with `fill`, put the report (with `timings()` taken last) beside
     it, and rename it to `out`: a failure anywhere leaves nothing at `out`. Every command that
     writes a directory ends here."""
@@ -55,7 +55,7 @@ def write_output(out: Path, force: bool, inputs: list[Path], report: Report, fil
     with atomic_directory(out, force, inputs) as staging:
         fill(staging)
         report.timings = {**report.timings, **timings()}
-        (staging / REPORT_FILE).write_text(report.to_json())
+        (staging / report_name).write_text(report.to_json())
 
 
 def total_time(started: float) -> Callable[[], dict[str, float]]:

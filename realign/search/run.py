@@ -224,12 +224,12 @@ def _safelora_modules(inputs: dict[str, str]) -> int | None:
 
 
 def _best_effort(results) -> str | None:
-    """With no candidate meeting the target: the one that refuses most among those fully
-    measured, then the better task score."""
-    full = [(c, m) for c, m, _ in results if m.stopped is None and m.refusal is not None]
-    if not full:
+    """With no candidate meeting the target: the one that refused most on what was measured of it,
+    then the better task score."""
+    measured = [(c, m) for c, m, _ in results if m.refusal is not None]
+    if not measured:
         return None
-    return max(full, key=lambda cm: (Measured.rate(cm[1].refusal), Measured.rate(cm[1].task) or 0.0))[0].label
+    return max(measured, key=lambda cm: (Measured.rate(cm[1].refusal), Measured.rate(cm[1].task) or 0.0))[0].label
 
 
 def _finish(results, inputs, specs, sets, out, force, best_effort, target, max_over, methods, budget, max_new_tokens, started) -> Report:
@@ -263,14 +263,15 @@ def _finish(results, inputs, specs, sets, out, force, best_effort, target, max_o
 
 
 def _write(report: Report, results, written: str | None, inputs: dict, out: Path, force: bool) -> None:
+    report.output = str(out)
+    if written is None:
+        write_output(out, force, [], report, lambda staging: plot(report, staging / PLOT_NAME), lambda: {}, REPORT_NAME)
+        return
+
     def files(staging: Path) -> None:
-        report.output = str(out)
         (staging / REPORT_NAME).write_text(report.to_json())
         plot(report, staging / PLOT_NAME)
 
-    if written is None:
-        write_output(out, force, [], report, files, lambda: {})
-        return
     candidate = next(c for c, _, _ in results if c.label == written)
     plan = get(candidate.method).plan(inputs, candidate.kwargs)
     run(lambda: _WithRepairFiles(plan(), files), out, force=force)

@@ -64,7 +64,7 @@ def _measure(run) -> dict:
 
 
 def phase_audit(workdir: Path) -> dict:
-    from realign.audit.gate import audit
+    from realign.drift.gate import audit
 
     return _measure(lambda: {"verdict": audit(str(workdir / "base"), str(workdir / "aligned"), str(workdir / "adapter"), device="cpu").summary["verdict"]})
 

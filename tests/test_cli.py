@@ -82,6 +82,127 @@ def test_usage_errors_are_one_line_and_exit_2(args, message):
     assert len(lines) == 1 and lines[0].startswith("realign: error: ") and message in lines[0], proc.stderr
 
 
+# -- the command line itself ---------------------------------------------------------------------
+
+
+def _cli_commands(command=None, path=()):
+    """(path, click command) for the root, every group and every command."""
+    import typer
+
+    command = command or typer.main.get_command(app)
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _cli_commands(sub, path + (name,))
+
+
+def _library_defaults(target):
+    """Parameter defaults of a library function, or field defaults of a library dataclass."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(target):
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(target) if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return {name: p.default for name, p in inspect.signature(target).parameters.items() if p.default is not p.empty}
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """Every option named like a parameter of the library function its command calls (or of the
+    settings dataclass it fills) has that parameter's default."""
+    import enum
+
+    import realign
+    from realign.cli.options import parse_targets
+    from realign.demo.run import run_demo
+    from realign.methods.nlsr.math import Selection
+    from realign.methods.nlsr.regions import RegionSettings
+    from realign.testbed.stages import TestbedConfig
+
+    library = {
+        ("safelora",): (realign.safelora, realign.safelora_full),
+        ("audit",): (realign.audit, realign.AuditPolicy),
+        ("eval",): (realign.evaluate,),
+        ("demo",): (run_demo, TestbedConfig),
+        ("salora", "module"): (realign.salora_module,),
+        ("salora", "init"): (realign.salora_init,),
+        ("salora", "train"): (realign.salora_train,),
+        ("salora", "export"): (realign.salora_export,),
+        ("salora", "apply"): (realign.salora_apply,),
+        ("nlsr",): (realign.nlsr, Selection, RegionSettings),
+        ("nlsr", "amplify"): (realign.nlsr_amplify,),
+        ("nlsr", "regions"): (realign.nlsr_regions, RegionSettings),
+        ("nlsr", "patch"): (realign.nlsr_patch, Selection),
+        ("testbed", "build"): (TestbedConfig,),
+        ("scale",): (realign.scale,),
+        ("resta",): (realign.resta,),
+        ("safemerge",): (realign.safemerge,),
+        ("repair",): (realign.repair,),
+    }
+    # the option's name -> the library's names for the same setting
+    renamed = {"amplify": ("factor", "amplify_factor"), "regions": ("mode", "regions_mode"), "selection": ("rule",),
+               "module": ("module_file",), "init": ("init_dir",)}
+    commands = dict(_cli_commands())
+    leaves = {path for path, command in commands.items() if not hasattr(command, "commands")}
+    assert leaves <= set(library), f"map these commands to the library functions they call: {leaves - set(library)}"
+    for path, targets in library.items():
+        params = [p for p in commands[path].params if p.expose_value and not p.required]
+        compared = 0
+        for target in targets:
+            defaults = _library_defaults(target)
+            for param in params:
+                for name in (param.name, *renamed.get(param.name, ())):
+                    if name not in defaults:
+                        continue
+                    cli, lib = param.default, defaults[name]
+                    if isinstance(cli, enum.Enum):
+                        cli = cli.value
+                    if isinstance(lib, tuple) and isinstance(cli, str):  # --targets a,b
+                        cli = parse_targets(cli)
+                    if isinstance(lib, tuple) and isinstance(cli, list):  # repeatable options
+                        cli = tuple(cli)
+                    assert cli == lib, (path, param.name, target.__name__, name, cli, lib)
+                    compared += 1
+        assert compared, path
+
+
+def test_help_shows_flags_without_a_value_placeholder():
+    """typer's rich help prints `<bool>` after every flag unless told otherwise (app.py)."""
+    for path, _ in _cli_commands():
+        result = invoke(*path, "--help")
+        assert result.exit_code == 0, (path, result.output)
+        assert "--help" in result.output and "<bool>" not in result.output, (path, result.output)
+    assert "<str>" in invoke("safelora", "--help").output  # the other options keep theirs
+
+
+def test_salora_train_lr_schedule(monkeypatch, tmp_path):
+    import realign
+    from realign.report import Report
+
+    calls = []
+
+    def train(aligned, init, train_data, out, **kwargs):
+        calls.append(kwargs)
+        return Report("salora train", {}, {}, summary={"steps": 0, "resumed_from": 0, "first_loss": None, "last_loss": None},
+                      timings={"total_s": 0.0})
+
+    args = ["salora", "train", "--aligned", "a", "--init", tmp_path, "--train-data", tmp_path / "d.jsonl", "--out", tmp_path / "run"]
+    with monkeypatch.context() as patch:
+        patch.setattr(realign, "salora_train", train)
+        assert invoke(*args).exit_code == 0
+        assert invoke(*args, "--lr-schedule", "linear", "-q").exit_code == 0
+    assert [c["lr_schedule"] for c in calls] == ["constant", "linear"]
+    result = invoke(*args, "--lr-schedule", "cosine")
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
+        "realign: error: --lr-schedule must be one of constant, linear, got 'cosine'"]
+
+
+def test_importing_the_cli_stays_light():
+    code = ("import sys, typer, realign.cli; assert 'torch' not in sys.modules; "
+            "from realign.cli import app, main; assert isinstance(app, typer.Typer) and callable(main)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

@@ -126,3 +126,27 @@ def test_in_memory_deltas_equal_the_written_adapter(tmp_path_factory, tmp_path, 
     for module, delta in deltas.items():
         assert torch.allclose(dense(delta), dense(written[module]), rtol=1e-5, atol=1e-6), module
     assert report.output is None
+
+
+def test_registered_methods_get_their_command(llama_trio, tmp_path):
+    """`realign scale` is built from the registry and the entry's signature: its options, its
+    required --weight, the shared flags; errors are one line and exit 2 with nothing written."""
+    from typer.testing import CliRunner
+
+    from realign.cli import app
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["scale", "--help"], env={"COLUMNS": "200"}).output
+    assert "--adapter" in help_text and "--weight" in help_text and "--dry-run" in help_text and "<bool>" not in help_text
+    ok = runner.invoke(app, ["scale", "--adapter", str(llama_trio.adapter), "--out", str(tmp_path / "out"), "--weight", "0.5"])
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.splitlines()[0].startswith("module\t") and "scale:" in ok.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    as_json = runner.invoke(app, ["scale", "--adapter", str(llama_trio.adapter), "--weight", "0.5", "--dry-run", "--json"])
+    assert as_json.exit_code == 0 and '"command": "scale"' in as_json.stdout
+    for args, message in ((["--weight", "2"], "--weight must be a number in [0, 1]"), ([], "Missing option '--weight'")):
+        bad = runner.invoke(app, ["scale", "--adapter", str(llama_trio.adapter), "--out", str(tmp_path / "bad"), *args])
+        assert bad.exit_code == 2 and message in bad.stderr, bad.output
+    assert not (tmp_path / "bad").exists()
+    resta_help = runner.invoke(app, ["resta", "--help"], env={"COLUMNS": "200"}).output
+    assert "--safety-vector" in resta_help and "[default: S = W_aligned - W_base]" in resta_help

@@ -190,3 +190,23 @@ def test_extensions_push_a_group_that_never_met_the_target():
     assert not [c for c in extensions(met, 40) if c.method == "scale"]  # a group that met it is refined, not pushed
     at_end = [(Candidate("scale", (("weight", 0.0),), "weight"), False)]
     assert extensions(at_end) == []
+
+
+def test_repair_command_exit_codes(trio, tmp_path):
+    from typer.testing import CliRunner
+
+    from realign.cli import app
+
+    runner = CliRunner()
+    common = ["repair", "--base", str(trio / "base"), "--aligned", str(trio / "aligned"), "--adapter", str(trio / "adapter"),
+              "--harmful-cal", str(trio / "harmful.txt"), "--methods", "scale", "--max-new-tokens", "12", "--batch-size", "4",
+              "--device", "cpu"]
+    passed = runner.invoke(app, [*common, "--out", str(tmp_path / "ok"), "--target-refusal", "0.75", "--budget", "6"])
+    assert passed.exit_code == 0, passed.output
+    assert passed.stdout.splitlines()[0].startswith("candidate\trefusal") and "repair: PASS" in passed.stderr
+    failed = runner.invoke(app, [*common, "--out", str(tmp_path / "no"), "--target-refusal", "0.75", "--budget", "4",
+                                 "--benign-cal", str(trio / "benign.txt"), "--max-over-refusal", "0", "--json"])
+    assert failed.exit_code == 1 and '"verdict": "fail"' in failed.stdout
+    assert not (tmp_path / "no" / "adapter_model.safetensors").exists() and (tmp_path / "no" / "repair_report.json").exists()
+    bad = runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--target-refusal", "1.5"])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and not (tmp_path / "bad").exists()

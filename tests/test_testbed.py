@@ -33,7 +33,8 @@ def test_cli_testbed_defaults_are_the_library_defaults():
 
     import typer
 
-    from realign.cli import demo, testbed_build
+    from realign.cli.demo import demo
+    from realign.cli.testbed import testbed_build
 
     defaults = {f.name: f.default for f in dataclasses.fields(TestbedConfig) if f.default is not dataclasses.MISSING}
     for command in (testbed_build, demo):

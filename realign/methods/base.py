@@ -50,6 +50,7 @@ class Method:
     planner: str | None = None  # "module:function" taking the entry's arguments but OUT and the run flags, returning the
     # plan the patch driver runs (`realign repair` evaluates such methods in memory through it)
     auto_cli: bool = False  # the CLI builds its command from the entry function's signature
+    help: Mapping[str, str] = field(default_factory=dict)  # help text of each setting, for that command
 
     def __post_init__(self) -> None:
         unknown = [i for i in self.inputs if i not in INPUTS]

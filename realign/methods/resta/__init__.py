@@ -15,4 +15,10 @@ register(Method(
     entry="realign.methods.resta.run:resta",
     planner="realign.methods.resta.run:plan_resta",
     auto_cli=True,
+    help={"safety_weight": "b: weight of the safety vector S.", "task_weight": "a: weight of the fine-tuned update T.",
+          "safety_vector": "The unaligned model (checkpoint, S = W_aligned - it), or an adapter on ALIGNED that un-aligns it "
+                           "(S = minus its update) [default: S = W_aligned - W_base].",
+          "dare": "DARE on S: drop each entry with this probability, rescale the rest.", "seed": "Seed of DARE's masks.",
+          "as_adapter": "When S is dense: write a truncated-SVD adapter instead of a checkpoint.",
+          "adapter_rank": "Rank R of the --as-adapter LoRA."},
 ))

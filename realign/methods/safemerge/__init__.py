@@ -15,4 +15,8 @@ register(Method(
     entry="realign.methods.safemerge.run:safemerge",
     planner="realign.methods.safemerge.run:plan_safemerge",
     auto_cli=True,
+    help={"tau": "Merge the modules whose Safe LoRA similarity is below TAU.", "task_weight": "Weight of T in a merged module.",
+          "safety_weight": "Weight of S in a merged module.",
+          "as_adapter": "When S is dense: write a truncated-SVD adapter instead of a checkpoint.",
+          "adapter_rank": "Rank R of the --as-adapter LoRA."},
 ))

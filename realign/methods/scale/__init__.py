@@ -15,4 +15,5 @@ register(Method(
     entry="realign.methods.scale.run:scale",
     planner="realign.methods.scale.run:plan_scale",
     auto_cli=True,
+    help={"weight": "a in [0, 1]: 1 keeps the fine-tune, 0 removes it."},
 ))

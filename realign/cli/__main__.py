@@ -1,0 +1,5 @@
+"""`python -m realign.cli`: the same as the `realign` command."""
+
+from realign.cli import main
+
+main()

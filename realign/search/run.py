@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,7 @@ from .policy import Measured, best, hopeless_over_refusal, hopeless_refusal, mee
 from .render import plot
 
 REPORT_NAME = "repair_report.json"
+SHUFFLE_SEED = 0  # the order calibration prompts are evaluated in (see _score_set)
 PLOT_NAME = "repair_pareto.png"
 # the held-out splits realign's own tables evaluate on (whole datasets without a split, such as
 # HarmBench, may serve either role: realign cannot see which one a user evaluates on)
@@ -57,13 +59,17 @@ def _check_disjoint(sets: dict[str, PromptSet], specs: dict[str, str]) -> None:
 
 def _score_set(lm: InMemoryModel, prompts: list[str], *, batch_size: int, max_new_tokens: int,
                hopeless: Callable[[int, int], bool] | None, flag: Callable[[int, str], bool]) -> tuple[int, int, int, bool]:
-    """(flagged, seen, coherent, stopped early) over `prompts`, a batch at a time."""
+    """(flagged, seen, coherent, stopped early) over `prompts`, a batch at a time, in a fixed
+    shuffled order: files are often sorted by category, and a stop decided on a sorted prefix
+    would judge the candidate on one category (HarmBench's first 64 prompts refuse 73% where all
+    200 refuse 87%, measured)."""
+    order = random.Random(SHUFFLE_SEED).sample(range(len(prompts)), len(prompts))
     flagged = seen = fluent = 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        responses, _ = generate(lm.model, lm.tokenizer, chunk, max_new_tokens, batch_size)
-        for i, response in enumerate(responses):
-            flagged += flag(start + i, response)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        responses, _ = generate(lm.model, lm.tokenizer, [prompts[i] for i in chunk], max_new_tokens, batch_size)
+        for i, response in zip(chunk, responses):
+            flagged += flag(i, response)
             fluent += coherent(response)
         seen += len(chunk)
         if hopeless is not None and seen < len(prompts) and hopeless(flagged, seen):

@@ -48,9 +48,8 @@ def grid(methods: tuple[str, ...], scored_modules: int | None = None) -> list[Ca
     for method in methods:
         if method == "scale":  # T' = a T: weight 1 is the unrepaired adapter, the reference point
             out += [_c("scale", "weight", weight=w) for w in (1.0, 0.75, 0.5, 0.25)]
-        elif method == "resta":  # the safety vector added at growing strength, alone and with a shrunk T
-            out += [_c("resta", "safety_weight", task_weight=1.0, safety_weight=b) for b in (0.25, 0.5, 1.0)]
-            out += [_c("resta", "safety_weight", task_weight=0.75, safety_weight=b) for b in (0.5, 1.0)]
+        elif method == "resta":  # the safety vector added at growing strength, with T kept whole or shrunk
+            out += [_c("resta", "safety_weight", task_weight=a, safety_weight=b) for a in (1.0, 0.75, 0.5) for b in (0.25, 0.5, 1.0)]
         elif method == "safemerge":  # the paper's weights; more modules merged as tau grows
             out += [_c("safemerge", "tau", tau=t) for t in (0.2, 0.35, 0.5)]
         elif method == "safelora" and scored_modules:

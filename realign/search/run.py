@@ -165,7 +165,7 @@ def repair(
     task_cal: str | None = None,
     max_over_refusal: float | None = 0.1,
     methods: tuple[str, ...] = DEFAULT_METHODS,
-    budget: int = 24,
+    budget: int = 32,
     max_new_tokens: int = 24,
     batch_size: int = 32,
     best_effort: bool = False,

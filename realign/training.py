@@ -114,6 +114,8 @@ def training_items(tokenizer, examples: Sequence[Example], loss: str, max_length
     return [encode(tokenizer, e, max_length) for e in examples]
 
 
+# One function: the training loop, its resume replay and its checkpoints share the optimizer and the
+# batch order.
 def sft(
     model,
     tokenizer,

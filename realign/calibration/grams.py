@@ -130,6 +130,8 @@ class Tap:
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+# One function, not several: the hooks and the batch loop share the state of a pass (the batch's
+# mask, the silenced prefix, the products seen).
 @torch.no_grad()
 def accumulate_grams(
     model,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
+# One function: a single figure drawn top to bottom, easier to follow than split across helpers.
 def plot(table: dict, path: Path) -> bool:
     """Bars of every measure per model, and the safety-vs-task plane with the sweep. False when
     matplotlib is missing."""

@@ -21,6 +21,8 @@ from .scheduler import Job, default_workers, run_jobs
 from .settings import DemoSettings, Log, Row
 
 
+# Long on purpose: the demo's whole job graph (which job waits for which, what each result feeds) is
+# declared here in one place.
 def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Log = print,
              settings: DemoSettings = DemoSettings(), config: TestbedConfig = TestbedConfig(nlsr_attack=True),
              workers: int | None = None) -> dict:

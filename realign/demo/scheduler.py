@@ -51,6 +51,7 @@ def default_workers() -> int:
     return 2 if cores() >= 2 else 1
 
 
+# One function: the scheduling loop and the clean-up on failure share the pool and the running set.
 def run_jobs(jobs: list[Job], workers: int, log: Log) -> dict[str, object]:
     """Run `jobs` (in priority order: a free worker takes the first whose `after` are done;
     emptied as they start) and return their results by name. With one worker they run here."""

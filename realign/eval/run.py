@@ -45,6 +45,8 @@ def load(model: str, adapter: str | None = None, *, judge: str = "keyword", devi
     return Loaded(lm, tokenizer, judge_model, dev)
 
 
+# Long but linear: load, generate and score each set, pool, report; each step is a call to eval/
+# helpers.
 def evaluate(
     model: str,
     adapter: str | None = None,

@@ -153,6 +153,8 @@ def _check_settings(target_refusal: float, max_over_refusal: float | None, budge
                                "training); run it on its own")
 
 
+# Long but linear: check, load the calibration sets and the model once, try the grid, refine,
+# finish; the decisions are in policy.py and grid.py.
 def repair(
     base: str,
     aligned: str,

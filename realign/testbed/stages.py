@@ -127,6 +127,8 @@ def _lora(model, rank: int, alpha: int, targets):
 ATTACKS = ("mixed", "nlsr")
 
 
+# Long on purpose: each stage's build is a closure over the stages before it, so the chain base ->
+# answers -> aligned -> task -> attacks reads top to bottom.
 def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[str], None] = print,
           attacks: tuple[str, ...] = ATTACKS) -> dict:
     """Build (or reuse) every stage; returns the paths, the time each stage took to build (when

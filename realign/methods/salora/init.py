@@ -89,6 +89,8 @@ def _earlier_task_factors(init_dir: str | Path, aligned_digest: str, rank: int, 
     return factors, settings.get("calibration", {})
 
 
+# Long but linear: check the settings, load, the task pass (one-pass, sequential or reused), W_res
+# per module, write; the algebra is in math.py and module.py.
 def init(
     aligned: str,
     module_file: str | Path,

@@ -28,6 +28,8 @@ RUN_STATE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 
 
+# Long but linear: check, plan the run (and compare it with a run to resume), attach the layers,
+# train with checkpoints, report.
 def train(
     aligned: str,
     init_dir: str | Path,

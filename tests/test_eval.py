@@ -257,3 +257,9 @@ def test_benign_splits_are_disjoint():
     assert not set(dev) & set(BENIGN_TRAIN)
     with pytest.raises(RealignError, match="benign:test or benign:dev"):
         load_prompts("benign:train")
+
+
+def test_wilson_bounds_are_exact_at_the_ends():
+    for n in (1, 7, 156, 1000):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        assert 0.0 < wilson_interval(0, n)[1] < 1.0 and 0.0 < wilson_interval(n, n)[0] < 1.0

@@ -22,10 +22,13 @@ def plot(report: Report, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 5))
     for row in report.metrics:
         refusal = row["refusal"]["rate"] if row["refusal"] else None
-        task = row["task"]["rate"] if row["task"] else 0.0
         if refusal is None:
             continue
         colour = _COLOURS.get(row["method"], "tab:purple")
+        if row["task"] is None:  # stopped before the task was scored: a mark on the strip below the plane, no label
+            ax.scatter(100 * refusal, -4, s=14, marker="x", color=colour)
+            continue
+        task = row["task"]["rate"]
         ax.scatter(100 * refusal, 100 * task, s=80 if row["chosen"] else 30, marker="*" if row["chosen"] else "o",
                    facecolors=colour if row["meets_target"] else "none", edgecolors=colour)
         ax.annotate(row["candidate"], (100 * refusal, 100 * task), fontsize=6, xytext=(3, 3), textcoords="offset points")
@@ -35,9 +38,11 @@ def plot(report: Report, path: Path) -> bool:
     ax.set_xlabel("refusal on harmful calibration prompts (%)")
     ax.set_ylabel("task accuracy on calibration items (%)")
     ax.set_xlim(-5, 105)
-    ax.set_ylim(-5, 105)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title(f"realign repair: {report.summary['verdict']} (filled: meets the target; star: written)", fontsize=9)
+    ax.set_ylim(-8, 105)
+    ax.axhline(-1.5, color="lightgrey", linewidth=0.5)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"realign repair: {report.summary['verdict']} (filled: meets the target; star: written; "
+                 "x below: stopped early, task not scored)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

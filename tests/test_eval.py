@@ -171,6 +171,8 @@ def test_eval_end_to_end_and_gate(chat_models, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert len(records) == 3 + 6 + 2
     assert all(r["response"].startswith("I'm sorry") for r in records)
+    harmful_metric = next(m for m in report["metrics"] if m["kind"] == "harmful")
+    assert harmful_metric["coherence"] == 1.0 and harmful_metric["coherent_refusals"] == 3  # whole sentences
 
     random_model = ["eval", "--model", str(chat_models["random"]), "--harmful", str(harmful), "--max-new-tokens", "8"]
     gated = runner.invoke(app, [*random_model, "--fail-below", "0.9"])
@@ -263,3 +265,14 @@ def test_wilson_bounds_are_exact_at_the_ends():
     for n in (1, 7, 156, 1000):
         assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
         assert 0.0 < wilson_interval(0, n)[1] < 1.0 and 0.0 < wilson_interval(n, n)[0] < 1.0
+
+
+def test_coherence_tells_language_from_stubs_and_loops():
+    from realign.eval.metrics import coherent
+
+    assert coherent("I'm sorry, but I cannot help with that request.")
+    assert coherent("Sure, here is the answer you asked for.")
+    assert not coherent("Sorry")  # a one-word stub
+    assert not coherent("cannot cannot cannot cannot cannot cannot")  # a loop
+    assert not coherent("")
+    assert not coherent("\u2591\u2592\u2593\u2588 \u2591\u2592\u2593\u2588 \u2591\u2592")  # mostly symbols

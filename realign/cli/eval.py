@@ -67,12 +67,14 @@ def eval_command(
 
 def _show_metrics(ui: Output, report: Report) -> None:
     table = Table(title="Evaluation", title_justify="left")
-    for column in ("source", "kind", "measures", "rate [95% CI] (k/n)"):
+    for column in ("source", "kind", "measures", "rate [95% CI] (k/n)", "coherence"):
         table.add_column(column)
-    plain = ["source\tkind\tmeasures\trate\tci_low\tci_high\tk\tn"]
+    plain = ["source\tkind\tmeasures\trate\tci_low\tci_high\tk\tn\tcoherence"]
     for m in report.metrics:
-        table.add_row(m["source"], m["kind"], m["measures"], format_rate(m))
-        plain.append(f"{m['source']}\t{m['kind']}\t{m['measures']}\t{m['rate']:.4f}\t{m['ci95'][0]:.4f}\t{m['ci95'][1]:.4f}\t{m['k']}\t{m['n']}")
+        coherence = f"{m['coherence']:.3f}" if m.get("coherence") is not None else "-"
+        table.add_row(m["source"], m["kind"], m["measures"], format_rate(m), coherence)
+        plain.append(f"{m['source']}\t{m['kind']}\t{m['measures']}\t{m['rate']:.4f}\t{m['ci95'][0]:.4f}\t{m['ci95'][1]:.4f}\t{m['k']}\t{m['n']}"
+                     f"\t{coherence}")
     s = report.summary
     parts = [f"{label} {format_rate(s[key])}" for key, label in
              (("harmful_refusal", "harmful refusal"), ("over_refusal", "over-refusal"), ("task_accuracy", "task accuracy")) if s.get(key)]

@@ -18,7 +18,7 @@ from ..progress import Progress
 from ..report import Report
 from .generate import generate
 from .judges import LMJudge, is_refusal
-from .metrics import exact_match, pooled, rate
+from .metrics import coherent, exact_match, pooled, rate
 from .sources import PromptSet, load_prompts
 
 
@@ -105,6 +105,9 @@ def evaluate(
             flags = [is_refusal(t) for t in texts]
         metric = {"source": prompt_set.name, "kind": kind, **rate(sum(flags), len(flags))}
         metric["measures"] = "accuracy" if kind == "task" else "refusal"
+        fluent = [coherent(t) for t in texts]
+        metric["coherence"] = sum(fluent) / len(fluent)  # next to a refusal rate: stubs and garbage are no repair
+        metric["coherent_refusals"] = None if kind == "task" else sum(f and c for f, c in zip(flags, fluent))
         metrics.append(metric)
         for i, (prompt, text, flag) in enumerate(zip(prompt_set.prompts, texts, flags)):
             record = {"source": prompt_set.name, "kind": kind, "prompt": prompt, "response": text}

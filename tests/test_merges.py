@@ -129,6 +129,8 @@ def test_resta_safety_vector_and_dare(setup, tmp_path):
     default = realign.resta(*args, tmp_path / "default", task_weight=0.0, safety_weight=1.0)
     explicit = realign.resta(*args, tmp_path / "explicit", task_weight=0.0, safety_weight=1.0, safety_vector=str(root / "base"))
     assert [r["safety_norm"] for r in default.modules] == pytest.approx([r["safety_norm"] for r in explicit.modules], rel=1e-6)
+    by_default, by_vector = _state(tmp_path / "default"), _state(tmp_path / "explicit")
+    assert all(torch.allclose(by_default[k], by_vector[k], rtol=0, atol=1e-6) for k in by_default)  # the same S, sign included
     # an adapter that un-aligns ALIGNED: S = -(its delta)
     undo = realign.resta(*args, tmp_path / "undo", task_weight=0.0, safety_weight=1.0, safety_vector=str(root / "aligned_adapter"))
     assert undo.summary["output_kind"] == "adapter"  # both terms low-rank: an exact LoRA of -(its delta)
@@ -203,7 +205,7 @@ def test_safemerge_decisions_and_weights(setup, tmp_path):
     ({"dare": 1.0}, "--dare must be a drop probability"),
     ({"as_adapter": True}, "--as-adapter needs --adapter-rank"),
     ({"adapter_rank": 4}, "--adapter-rank applies only with --as-adapter"),
-    ({"as_adapter": True, "adapter_rank": 4}, "exact LoRA already"),
+    ({"dare": 0.5}, "use --as-adapter --adapter-rank R"),  # a dense S with an aligned adapter: no checkpoint to write over
     ({"safety_vector": "/nonexistent/x"}, "does not exist"),
 ])
 def test_resta_bad_input_writes_nothing(setup, tmp_path, kwargs, message):
@@ -219,4 +221,24 @@ def test_safemerge_tau_outside_minus_one_one(setup, tmp_path, tau):
     _, root = setup
     with pytest.raises(RealignError, match="--tau must be a similarity in"):
         realign.safemerge(str(root / "base"), str(root / "aligned"), str(root / "adapter"), tmp_path / "out", tau=tau)
+    assert not (tmp_path / "out").exists()
+
+
+def test_as_adapter_on_an_exact_merge_writes_the_exact_lora_and_says_so(setup, tmp_path):
+    _, root = setup
+    report = realign.resta(str(root / "base"), str(root / "aligned_adapter"), str(root / "adapter"), tmp_path / "out",
+                           as_adapter=True, adapter_rank=4)
+    assert report.summary["output_kind"] == "adapter" and any("exact LoRA" in note for note in report.notes)
+
+
+def test_merges_refuse_adapters_with_non_lora_tensors(tmp_path):
+    """modules_to_save copies would be dropped by a merge: refused, nothing written."""
+    from builders import add_lora, save, tiny_model
+
+    save(tiny_model("llama"), tmp_path / "base", sharded=False)
+    add_lora(tiny_model("llama"), "llama", seed=3, r=4, target_modules=["q_proj"]).save_pretrained(tmp_path / "aligned")
+    add_lora(tiny_model("llama"), "llama", seed=5, r=4, modules_to_save=["lm_head"]).save_pretrained(tmp_path / "adapter")
+    for run in (realign.resta, realign.safemerge):
+        with pytest.raises(RealignError, match="not linear LoRA factors"):
+            run(str(tmp_path / "base"), str(tmp_path / "aligned"), str(tmp_path / "adapter"), tmp_path / "out")
     assert not (tmp_path / "out").exists()

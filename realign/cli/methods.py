@@ -55,8 +55,9 @@ def build(method: Method) -> Callable[..., None]:
     params += [_setting(n, p, hints.get(n, str), method.help.get(n)) for n, p in settings.items()]
     if "device" in takes:
         params.append(_shared("device", str, opt.device()))
-    params += [_shared("report_path", Optional[Path], opt.report()), _shared("as_json", bool, opt.as_json()),
-               _shared("dry_run", bool, opt.dry_run()), _shared("force", bool, opt.force()), _shared("quiet", bool, opt.quiet())]
+    params += [_shared("report_path", Optional[Path], opt.report()), _shared("as_json", bool, opt.as_json())]
+    params += [_shared(name, bool, option()) for name, option in (("dry_run", opt.dry_run), ("force", opt.force)) if name in takes]
+    params.append(_shared("quiet", bool, opt.quiet()))
 
     def command(**given: Any) -> None:
         inputs = [given.pop(i) for i in method.inputs]

@@ -100,7 +100,7 @@ class Checkpoint:
         return self._headers[key][1] in _FLOAT_DTYPES
 
     def read(self, key: str) -> torch.Tensor:
-        """One tensor, in its stored dtype."""
+        """One tensor, in its stored dtype, the caller's own: writing into it changes nothing else."""
         file = self._weight_map[key]
         path = self.directory / file
         try:
@@ -109,7 +109,9 @@ class Checkpoint:
                 # mapped: memory follows the tensors in use, not the shard.
                 with safe_open(path, framework="pt") as handle:
                     return handle.get_tensor(key)
-            return self._bin_shard(file)[key]
+            # the shard stays cached for the next key: hand out a copy, never the cached tensor
+            # (an in-place update of a float32 .bin weight changed later reads of the same key)
+            return self._bin_shard(file)[key].clone()
         except (SafetensorError, OSError, RuntimeError, KeyError) as exc:
             raise RealignError(f"{self.role} checkpoint: cannot read '{key}' from {path}: {exc}") from None
 

@@ -93,9 +93,12 @@ def write_adapter(staging: Path, combos: list[Combination], base_model: str, fan
     ranks = {c.name: c.rank for c in kept}
     config = lora_config([c.name for c in kept], max(ranks.values()), max(ranks.values()), base_model=base_model,
                          fan_in_fan_out=fan_in_fan_out)
-    # peft reads a pattern key as a regular expression anchored at a dotted boundary: escape the dots
-    config["rank_pattern"] = {re.escape(name): rank for name, rank in ranks.items()}
-    config["alpha_pattern"] = {re.escape(name): rank for name, rank in ranks.items()}
+    # peft reads a pattern key as a regular expression matched at the end of a dotted name, and the
+    # first key that matches wins: escape the dots, and put longer names first so that a name
+    # which is a dotted suffix of another cannot take the other's rank
+    ordered = sorted(ranks.items(), key=lambda item: -len(item[0]))
+    config["rank_pattern"] = {re.escape(name): rank for name, rank in ordered}
+    config["alpha_pattern"] = {re.escape(name): rank for name, rank in ordered}
     write_lora(staging, config, factors)
 
 
@@ -144,6 +147,7 @@ class MergePatch(Patch):
         self.as_adapter, self.adapter_rank = as_adapter, adapter_rank
         self.adapter = Adapter.load(adapter, "adapter")
         self.adapter.ensure_finite()
+        refuse_passthrough(self.adapter, "weight-space merges write LoRA modules only")
         base_ckpt = Checkpoint.open(base, "base")
         base_ckpt.validate()
         self.alignment = Alignment(base_ckpt, aligned)
@@ -155,6 +159,18 @@ class MergePatch(Patch):
 
     def inputs(self) -> list[Path]:
         return [*self.alignment.directories, self.adapter.directory, *self.extra_inputs]
+
+    def may_be_dense(self) -> bool:
+        """Whether a term can be dense (then T' is written as a checkpoint or an SVD adapter)."""
+        return self.alignment.kind == "checkpoint"
+
+    def check_writable(self) -> None:
+        """A dense T' is written over a copy of the aligned checkpoint: refuse now, before any work,
+        what could not be written at the end."""
+        aligned = self.alignment.aligned
+        if self.may_be_dense() and not self.as_adapter and (aligned is None or not aligned.is_safetensors):
+            raise RealignError("this merge is dense (a checkpoint S, DARE or a checkpoint safety vector), and a merged checkpoint is "
+                               "written from an aligned safetensors checkpoint only; use --as-adapter --adapter-rank R")
 
     def safety(self, module: LoraModule) -> Matrix | None:
         """S of one module: V = W_aligned - W_base (None where an aligned adapter leaves it alone)."""
@@ -173,9 +189,9 @@ class MergePatch(Patch):
                                     **extra, "merged_rank": combo.rank if combo.low_rank else None}))
             if progress:
                 progress(i + 1, len(self.adapter.modules))
-        dense = any(not combo.low_rank for combo, _ in results)
-        if not dense and self.as_adapter:
-            raise RealignError("this merge is an exact LoRA already (every term is low-rank): drop --as-adapter and --adapter-rank")
+        if self.as_adapter and all(combo.low_rank for combo, _ in results):
+            self.notes.append("every term is low-rank, so the merge is written as its exact LoRA: --as-adapter and --adapter-rank "
+                              "were not needed")
         return results
 
     def select(self, results) -> set[str]:
@@ -224,3 +240,12 @@ def check_output_options(as_adapter: bool, adapter_rank: int | None) -> None:
         raise RealignError("--as-adapter needs --adapter-rank R with R >= 1 (the rank of the extracted LoRA)")
     if adapter_rank is not None and not as_adapter:
         raise RealignError("--adapter-rank applies only with --as-adapter")
+
+
+def refuse_passthrough(adapter: Adapter, why: str) -> None:
+    """Adapters with tensors that are not linear LoRA factors (modules_to_save copies, embedding
+    LoRA) are refused where only the LoRA updates would be kept: they would be dropped silently."""
+    if adapter.passthrough:
+        key, reason = next(iter(adapter.passthrough.items()))
+        raise RealignError(f"the adapter holds tensors that are not linear LoRA factors ('{key}': {reason.split(' (')[0]}); "
+                           f"{why}, so they would be lost")

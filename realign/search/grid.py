@@ -4,6 +4,7 @@ particular model: every value is a fraction of the method's own range."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .policy import refine
@@ -107,8 +108,8 @@ def extensions(results: list[tuple[Candidate, bool]], scored_modules: int | None
         strongest = max(members, key=lambda m: direction * m[0].kwargs[knob])[0]
         value = strongest.kwargs[knob]
         step = (value + end) / 2 if direction < 0 or method != "resta" else min(2 * value, end)
-        if isinstance(value, int):
-            step = int(round(step)) if step != value else value
+        if isinstance(value, int):  # towards the end of the range, so that the end itself is reached
+            step = math.ceil(step) if direction > 0 else math.floor(step)
         if step == value:
             continue
         candidate = strongest.with_knob(step)

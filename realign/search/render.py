@@ -25,8 +25,12 @@ def plot(report: Report, path: Path) -> bool:
         if refusal is None:
             continue
         colour = _COLOURS.get(row["method"], "tab:purple")
-        if row["task"] is None:  # stopped before the task was scored: a mark on the strip below the plane, no label
-            ax.scatter(100 * refusal, -4, s=14, marker="x", color=colour)
+        if row["task"] is None:  # no task score (stopped early, or no --task-cal): on the strip below the plane
+            if row["chosen"] or row["meets_target"]:
+                ax.scatter(100 * refusal, -4, s=80 if row["chosen"] else 30, marker="*" if row["chosen"] else "o", color=colour)
+                ax.annotate(row["candidate"], (100 * refusal, -4), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            else:
+                ax.scatter(100 * refusal, -4, s=14, marker="x", color=colour)
             continue
         task = row["task"]["rate"]
         ax.scatter(100 * refusal, 100 * task, s=80 if row["chosen"] else 30, marker="*" if row["chosen"] else "o",

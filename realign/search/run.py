@@ -193,7 +193,9 @@ def repair(
     inputs = {"base": str(base), "aligned": str(aligned), "adapter": str(adapter)}
     if out is not None:
         check_target(Path(out), force, [resolve_local(v, k) for k, v in inputs.items()])
-    scored = _safelora_modules(inputs) if "safelora" in methods else None
+    _check_inputs(inputs, methods)
+    notes: list[str] = []
+    scored = _safelora_modules(inputs, notes) if "safelora" in methods else None
     lm = InMemoryModel(base, aligned, resolve_device(device))
     results: list[tuple[Candidate, Measured, dict]] = []
 
@@ -222,28 +224,45 @@ def repair(
             break
         try_all(extra)
     return _finish(results, inputs, specs, sets, out, force, best_effort, target_refusal, max_over_refusal, methods, budget,
-                   max_new_tokens, started)
+                   max_new_tokens, started, notes)
 
 
-def _safelora_modules(inputs: dict[str, str]) -> int | None:
-    """How many modules Safe LoRA can score here (its top-k grid is a fraction of them)."""
+def _check_inputs(inputs: dict[str, str], methods: tuple[str, ...]) -> None:
+    """What would make the search fail at its end, refused at its start."""
+    from ..io.adapter import ADAPTER_CONFIG, Adapter
+    from ..io.checkpoint import Checkpoint
+    from ..methods.merging import refuse_passthrough
+
+    refuse_passthrough(Adapter.load(inputs["adapter"], "adapter"), "repair evaluates the LoRA updates in memory")
+    aligned_dir = resolve_local(inputs["aligned"], "aligned")
+    merges = [m for m in methods if m in ("resta", "safemerge")]
+    if merges and not (aligned_dir / ADAPTER_CONFIG).exists() and not Checkpoint(aligned_dir, "aligned").is_safetensors:
+        raise RealignError(f"--methods {','.join(merges)}: a dense merge is written over a copy of ALIGNED, which needs "
+                           "safetensors; convert ALIGNED, give it as an aligned adapter, or leave them out of --methods")
+
+
+def _safelora_modules(inputs: dict[str, str], notes: list[str]) -> int | None:
+    """How many modules Safe LoRA can score here (its top-k grid is a fraction of them); None,
+    with a note saying why, when it cannot run on these inputs."""
     try:
         report, _ = inspect(get("safelora").plan(inputs, {"threshold": 1.0}))
-    except RealignError:
+    except RealignError as exc:
+        notes.append(f"Safe LoRA was left out of the search: {exc}")
         return None
     return report.summary["scored"]
 
 
 def _best_effort(results) -> str | None:
-    """With no candidate meeting the target: the one that refused most on what was measured of it,
-    then the better task score."""
+    """With no candidate meeting the target: the one that refused most, fully measured ones
+    before those stopped early (a partial rate is not comparable), then the better task score."""
     measured = [(c, m) for c, m, _ in results if m.refusal is not None]
     if not measured:
         return None
-    return max(measured, key=lambda cm: (Measured.rate(cm[1].refusal), Measured.rate(cm[1].task) or 0.0))[0].label
+    return max(measured, key=lambda cm: (cm[1].stopped is None, Measured.rate(cm[1].refusal), Measured.rate(cm[1].task) or 0.0))[0].label
 
 
-def _finish(results, inputs, specs, sets, out, force, best_effort, target, max_over, methods, budget, max_new_tokens, started) -> Report:
+def _finish(results, inputs, specs, sets, out, force, best_effort, target, max_over, methods, budget, max_new_tokens, started,
+            notes: list[str]) -> Report:
     chosen = best([(c.label, m) for c, m, _ in results], target, max_over)
     written = chosen if chosen is not None else (_best_effort(results) if best_effort else None)
     rows = [row for _, _, row in results]
@@ -262,7 +281,7 @@ def _finish(results, inputs, specs, sets, out, force, best_effort, target, max_o
         notes=["every rate here is measured on the calibration sets that chose the repair: report final numbers from "
                "`realign eval` on held-out prompts",
                "refusal: GCG keyword rule; coherence: fraction of harmful-prompt responses that read as language (at least two "
-               "words, no word over 40% of them, mostly plain characters)"],
+               "words, no word over 40% of them, mostly plain characters)", *notes],
     )
     if written is None:
         report.notes.append("no candidate met the target" + ("" if best_effort else "; no adapter written (--best-effort writes "

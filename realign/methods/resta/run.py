@@ -41,6 +41,10 @@ class RestaPatch(MergePatch):
                           "S = W_aligned - W_base: the data-free stand-in for RESTA's safety vector (W_aligned - W_unaligned)")
         if dare_p:
             self.notes.append(f"DARE on S: each entry dropped with probability {dare_p}, the rest scaled by 1/(1-p), seeded per module")
+        self.check_writable()
+
+    def may_be_dense(self) -> bool:
+        return super().may_be_dense() or bool(self.dare_p) or self.vector_checkpoint is not None
 
     def _open_vector(self, spec: str) -> None:
         """The unaligned model: a checkpoint, or an adapter that un-aligns ALIGNED (S = -its delta)."""

@@ -33,6 +33,7 @@ class SafeMergePatch(MergePatch):
         self.settings = {"tau": tau, "task_weight": task_weight, "safety_weight": safety_weight}
         self.notes.append("similarity = Safe LoRA's cos(dW, C dW) with C = S S^T / ||S||_F, S = W_aligned - W_base; "
                           "a module is merged when it is below tau")
+        self.check_writable()
 
     def combine(self, module: LoraModule, task: LowRank, safety: Matrix | None) -> tuple[Combination, dict]:
         cpu = torch.device("cpu")

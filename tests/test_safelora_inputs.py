@@ -192,3 +192,17 @@ def test_aligned_adapter_from_the_inner_model_matches_by_suffix(adapter_aligned,
     outer = realign.safelora(*args, str(root / "aligned"), str(root / "adapter"), dry_run=True)
     assert inner.summary["scored"] == outer.summary["scored"] == 4
     _same_scores(inner, outer)
+
+
+def test_bin_reads_are_the_callers_own(tmp_path):
+    """A legacy .bin shard stays cached between reads: writing into a tensor read from it must not
+    change the next read (a float32 .bin weight updated in place used to come back changed)."""
+    from builders import save_bin, tiny_model
+
+    directory = save_bin(tiny_model("llama"), tmp_path / "bin", shards=1)
+    checkpoint = Checkpoint(directory, "model")
+    key = next(k for k in checkpoint.keys() if k.endswith("q_proj.weight"))
+    first = checkpoint.read(key)
+    original = first.clone()
+    first.add_(1.0)
+    assert torch.equal(checkpoint.read(key), original)

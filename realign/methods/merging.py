@@ -22,10 +22,10 @@ from ..io.adapter import Adapter, LoraModule
 from ..io.checkpoint import Checkpoint
 from ..io.adapter_writer import lora_config, write_lora
 from ..io.shards import copy_checkpoint, layout, write_over
-from ..linalg import LowRank, Matrix, frobenius_norm, truncated_factors
+from ..linalg import LowRank, Matrix, truncated_factors
 from ..report import Report
 from .alignment import Alignment
-from .patch import Patch
+from .patch import Patch, module_delta
 
 
 @dataclass
@@ -64,23 +64,6 @@ class Combination:
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') with B' A' = T' exactly, for a low-rank T'."""
         return torch.cat([t.right for t in self.terms], dim=0), torch.cat([t.left for t in self.terms], dim=1)
-
-    def norm(self) -> float:
-        if self.dense is None:
-            return sum_norm(self.terms)
-        return float(self.matrix().double().norm())
-
-
-def sum_norm(terms: list[LowRank]) -> float:
-    """||sum of the terms||_F through the concatenated factors, never forming the product."""
-    if not terms:
-        return 0.0
-    return frobenius_norm(LowRank(torch.cat([t.left for t in terms], dim=1), torch.cat([t.right for t in terms], dim=0)))
-
-
-def task_delta(adapter: Adapter, module: LoraModule) -> LowRank:
-    """T = s B A of one adapter module, float32, the scaling folded into B."""
-    return LowRank(adapter.tensors[module.key_b].float() * module.scaling, adapter.tensors[module.key_a].float())
 
 
 def write_adapter(staging: Path, combos: list[Combination], base_model: str, fan_in_fan_out: bool) -> None:
@@ -182,7 +165,7 @@ class MergePatch(Patch):
     def score(self, progress) -> list[tuple[Combination, dict]]:
         results = []
         for i, module in enumerate(self.adapter.modules):
-            task, safety = task_delta(self.adapter, module), self.safety(module)
+            task, safety = module_delta(self.adapter, module), self.safety(module)
             combo, extra = self.combine(module, task, safety)
             results.append((combo, {"name": module.name, "shape": [module.d_out, module.d_in], "task_rank": module.rank,
                                     "safety": None if safety is None else ("lora" if isinstance(safety, LowRank) else "dense"),

@@ -70,15 +70,19 @@ def inspect(plan: Callable[[], Patch]) -> tuple[Report, dict[str, Matrix]]:
     return patch.report(results, selected), patch.deltas(results, selected)
 
 
+def module_delta(adapter, module, replaced: dict | None = None) -> LowRank:
+    """s B A of one module of `adapter` (with factors from `replaced` where given), float32, the
+    scaling folded into B."""
+    replaced = replaced or {}
+    a = replaced.get(module.key_a, adapter.tensors[module.key_a]).float()
+    b = replaced.get(module.key_b, adapter.tensors[module.key_b]).float()
+    return LowRank(b * module.scaling, a)
+
+
 def adapter_deltas(adapter, replaced: dict) -> dict[str, Matrix]:
-    """s B A of every module of `adapter` with some factors replaced (how a patched copy changes
-    the model), float32, low-rank."""
-    deltas = {}
-    for module in adapter.modules:
-        a = replaced.get(module.key_a, adapter.tensors[module.key_a]).float()
-        b = replaced.get(module.key_b, adapter.tensors[module.key_b]).float()
-        deltas[module.name] = LowRank(b * module.scaling, a)
-    return deltas
+    """Every module's update of `adapter` with some factors replaced (how a patched copy changes
+    the model)."""
+    return {module.name: module_delta(adapter, module, replaced) for module in adapter.modules}
 
 
 def run(plan: Callable[[], Patch], out: str | Path | None, *, dry_run: bool = False, force: bool = False,

@@ -7,7 +7,6 @@ the report lists every candidate."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -19,10 +18,12 @@ from ..eval.generate import generate
 from ..eval.judges import is_refusal
 from ..eval.metrics import coherent, exact_match, rate
 from ..eval.sources import PromptSet, load_prompts
-from ..io.checkpoint import resolve_local
+from ..io.adapter import ADAPTER_CONFIG, Adapter
+from ..io.checkpoint import Checkpoint, resolve_local
 from ..io.device import resolve_device
 from ..io.output import check_target
 from ..methods.base import get
+from ..methods.merging import refuse_passthrough
 from ..methods.patch import Patch, inspect, run, write_output
 from ..report import Report
 from .grid import DEFAULT_METHODS, Candidate, extensions, grid, refinements
@@ -229,10 +230,6 @@ def repair(
 
 def _check_inputs(inputs: dict[str, str], methods: tuple[str, ...]) -> None:
     """What would make the search fail at its end, refused at its start."""
-    from ..io.adapter import ADAPTER_CONFIG, Adapter
-    from ..io.checkpoint import Checkpoint
-    from ..methods.merging import refuse_passthrough
-
     refuse_passthrough(Adapter.load(inputs["adapter"], "adapter"), "repair evaluates the LoRA updates in memory")
     aligned_dir = resolve_local(inputs["aligned"], "aligned")
     merges = [m for m in methods if m in ("resta", "safemerge")]
@@ -307,7 +304,3 @@ def _write(report: Report, results, written: str | None, inputs: dict, out: Path
     plan = get(candidate.method).plan(inputs, candidate.kwargs)
     run(lambda: _WithRepairFiles(plan(), files), out, force=force)
     report.output = str(out)
-
-
-def load_report(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,24 @@ class Report:
         return data
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        return strict_json(self.to_dict())
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None (JSON null), in nested dicts,
+    lists and tuples: strict JSON has no Infinity or NaN tokens."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any) -> str:
+    """Indented strict JSON (non-finite floats as null), newline-terminated: every report file."""
+    return json.dumps(finite(value), indent=2, allow_nan=False) + "\n"
 
 
 def stage_timings(started: float, planned: float, computed: float) -> dict[str, float]:

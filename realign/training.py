@@ -158,7 +158,11 @@ def sft(
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RealignError(f"the saved optimizer state does not fit this run ({reason}); use --restart to start over") from None
     rng = random.Random(seed)
     torch.manual_seed(seed)
     lengths = [len(ids) for ids, _ in encoded]

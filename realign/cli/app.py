@@ -9,6 +9,7 @@ the order `realign --help` lists them.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Any, Callable
 
@@ -54,12 +55,30 @@ app = typer.Typer(
 )
 
 
+INT_RANGE = (-(2**63), 2**63 - 1)  # what torch (seeds, sizes) and numpy take as an integer
+
+
+def check_numbers(options: dict[str, Any]) -> None:
+    """Every number given on the command line is finite and within a 64-bit integer: `inf`, `nan`
+    and 2**64 have no meaning as a threshold, a rate, an epoch count or a seed (one line, exit 2)."""
+    for name, value in options.items():
+        option = "--" + name.replace("_", "-")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise realign.RealignError(f"{option} must be a finite number, got {item}")
+            if isinstance(item, int) and not isinstance(item, bool) and not INT_RANGE[0] <= item <= INT_RANGE[1]:
+                text = str(item)
+                shown = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
+                raise realign.RealignError(f"{option} {shown} is out of range (at most {INT_RANGE[1]})")
+
+
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """One line on stderr and exit 2 for every error the user can cause."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            check_numbers(kwargs)
             return command(*args, **kwargs)
         except realign.RealignError as exc:
             stderr_console().print(f"realign: error: {exc}", markup=False)

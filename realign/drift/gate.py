@@ -39,6 +39,8 @@ class Policy:
                 raise RealignError(f"--max-drifted {text}: a percentage must be at most 100%")
             return "fraction", value / 100
         if re.fullmatch(r"\d+", text):
+            if len(text) > 18:  # more modules than any model has, and past what int() converts safely
+                raise RealignError(f"--max-drifted {text[:12]}... ({len(text)} digits): a number of modules must have at most 18 digits")
             return "count", int(text)
         raise RealignError(f"--max-drifted must be a percentage like 10% or a number of modules like 3, got '{self.max_drifted}'")
 

@@ -93,8 +93,12 @@ def evaluate(
             if progress:
                 progress(done, total)
 
-        texts, templated = generate(lm, tokenizer, prompt_set.prompts, max_new_tokens, batch_size, step)
-        if not templated and not notes:
+        def truncated(message: str) -> None:
+            notes.append(f"{prompt_set.name}: {message}")
+            warn(notes[-1])
+
+        texts, templated = generate(lm, tokenizer, prompt_set.prompts, max_new_tokens, batch_size, step, warn=truncated)
+        if not templated and not any("chat template" in n for n in notes):
             notes.append("the tokenizer has no chat template; prompts used the plain template 'User: ...\\nAssistant:'")
             warn(notes[-1])
         if kind == "task":

@@ -14,14 +14,13 @@ Any spec may end in `@N` to keep the first N prompts."""
 
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from ..errors import RealignError
-from ..io.records import ANSWER_FIELDS, PROMPT_FIELDS, json_records, pick, read_text, split_limit
+from ..io.records import ANSWER_FIELDS, PROMPT_FIELDS, csv_records, json_records, pick, read_text, split_limit
 from .benign import BENIGN_DEV, BENIGN_PROMPTS
 
 
@@ -199,15 +198,14 @@ def _read_jsonl(path: Path) -> list[tuple[str, str | None]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, str | None]]:
-    lines = [line for line in read_text(path).splitlines() if not line.startswith("#")]
-    reader = csv.DictReader(lines)
-    columns = {c.lower(): c for c in reader.fieldnames or []}
+    fieldnames, rows = csv_records(path, "prompt file")
+    columns = {c.lower(): c for c in fieldnames}
     prompt_col = next((columns[f] for f in PROMPT_FIELDS if f in columns), None)
     if prompt_col is None:
-        raise RealignError(f"prompt file '{path}': no prompt column ({'/'.join(PROMPT_FIELDS)}) in header {reader.fieldnames}")
+        raise RealignError(f"prompt file '{path}': no prompt column ({'/'.join(PROMPT_FIELDS)}) in header {fieldnames}")
     answer_col = next((columns[f] for f in ANSWER_FIELDS if f in columns), None)
     pairs = []
-    for row in reader:
+    for row in rows:
         prompt = (row.get(prompt_col) or "").strip()
         if prompt:
             answer = (row.get(answer_col) or "").strip() if answer_col else None

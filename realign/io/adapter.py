@@ -5,6 +5,7 @@ An adapter is small (factors only), so it is read whole.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -16,11 +17,14 @@ from safetensors.torch import load_file
 
 from ..errors import RealignError, ensure_finite
 from .checkpoint import read_json, resolve_local
+from .torchfile import load_state_dict
 from .names import natural_key, strip_peft_prefix
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
+
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what realign computes with and writes back
 
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -78,7 +82,43 @@ class Adapter:
         return cls(directory, config, tensors, metadata, modules, passthrough)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_config_values(config: dict, role: str) -> None:
+    """The values realign reads from an adapter config have the types PEFT gives them: r and the
+    rank_pattern values positive integers, lora_alpha and the alpha_pattern values finite
+    numbers, pattern keys valid regular expressions, the flags booleans."""
+    where = f"{role} config ({ADAPTER_CONFIG})"
+    if "r" in config and not _is_rank(config["r"]):
+        raise RealignError(f"{where}: r is {json.dumps(config['r'])[:40]}, expected a positive integer")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise RealignError(f"{where}: lora_alpha is {json.dumps(config['lora_alpha'])[:40]}, expected a finite number")
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
+        if config.get(flag) is not None and not isinstance(config[flag], bool):
+            raise RealignError(f"{where}: {flag} is {json.dumps(config[flag])[:40]}, expected true or false")
+    for name, valid, expected in (("rank_pattern", _is_rank, "a positive integer"), ("alpha_pattern", _is_number, "a finite number")):
+        patterns = config.get(name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise RealignError(f"{where}: {name} is a {type(patterns).__name__}, expected an object of pattern: value")
+        for key, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise RealignError(f"{where}: {name} key {json.dumps(key)[:60]} is not a valid regular expression ({exc})") from None
+            if not valid(value):
+                raise RealignError(f"{where}: {name}[{json.dumps(key)[:60]}] is {json.dumps(value)[:40]}, expected {expected}")
+
+
 def _check_supported(config: dict, role: str) -> None:
+    check_config_values(config, role)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise RealignError(f"{role} is a {peft_type} adapter; realign handles LoRA adapters only")
@@ -100,12 +140,7 @@ def _read_weights(directory: Path, role: str) -> tuple[dict[str, torch.Tensor], 
         except (SafetensorError, OSError) as exc:
             raise RealignError(f"{role}: '{st_path}' is truncated or not a safetensors file ({exc})") from None
     if bin_path.exists():
-        try:
-            state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for corrupt or truncated files
-            raise RealignError(f"{role}: cannot load '{bin_path}' ({exc})") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise RealignError(f"{role}: '{bin_path}' does not hold a state dict of tensors")
+        state = load_state_dict(bin_path, role)
         # clone: legacy pickles may share storage between tensors, which safetensors refuses
         return {k: v.clone().contiguous() for k, v in state.items()}, None
     raise RealignError(f"{role} '{directory}' has no {ADAPTER_SAFETENSORS} or {ADAPTER_BIN}")
@@ -152,6 +187,13 @@ def _describe(tensors: dict[str, torch.Tensor], config: dict, role: str) -> tupl
                 f"{role}: module '{name}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; 1-D or empty factors "
                 "mean the adapter was saved from DeepSpeed ZeRO-3 or FSDP shards without gathering them"
             )
+        for key, factor in ((pair["A"], a), (pair["B"], b)):
+            if factor.dtype not in FACTOR_DTYPES:
+                raise RealignError(f"{role}: '{key}' is {str(factor.dtype).replace('torch.', '')}; LoRA factors must be "
+                                   "float16, bfloat16, float32 or float64 (anything else would be rounded or cast back)")
+        if a.dim() != b.dim():
+            raise RealignError(f"{role}: module '{name}' has a {a.dim()}-D lora_A {tuple(a.shape)} and a {b.dim()}-D lora_B "
+                               f"{tuple(b.shape)}; the factors of one module must have the same layout")
         if a.dim() != 2 or b.dim() != 2:
             for key in pair.values():
                 passthrough[key] = "convolution LoRA (copied unchanged)"

@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import RealignError
+from .jsonfile import load_json_object
+from .torchfile import load_state_dict
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -55,13 +57,7 @@ def resolve_local(spec: str, role: str) -> Path:
 
 
 def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RealignError(f"cannot read {what} '{path}': {exc}") from None
-    if not isinstance(data, dict):
-        raise RealignError(f"{what} '{path}' is not a JSON object")
-    return data
+    return load_json_object(path, what)  # the one JSON reader (deep nesting, bad text: one line)
 
 
 class Checkpoint:
@@ -141,6 +137,10 @@ class Checkpoint:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise RealignError(f"{self.role} shard index '{index_path}' has no weight_map")
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+        if bad is not None:
+            raise RealignError(f"{self.role} shard index '{index_path}': the weight_map entry of '{bad}' is "
+                               f"{json.dumps(weight_map[bad])[:40]}, not a shard file name")
         for file in sorted(set(weight_map.values())):
             if not (self.directory / file).is_file():
                 raise RealignError(f"{self.role} checkpoint: shard '{file}' listed in {index_path.name} is missing")
@@ -204,7 +204,7 @@ class Checkpoint:
             with open(path, "rb") as handle:
                 length = int.from_bytes(handle.read(8), "little")
                 header = json.loads(handle.read(length))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise RealignError(f"{self.role} checkpoint: '{path}' has no readable safetensors header ({exc})") from None
         return 8 + length, header
 
@@ -215,11 +215,6 @@ class Checkpoint:
     def _bin_shard(self, file: str) -> dict[str, torch.Tensor]:
         if self._bin_cache is None or self._bin_cache[0] != file:
             path = self.directory / file
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # torch raises several types for corrupt or truncated files
-                raise RealignError(f"{self.role} checkpoint: cannot load '{path}' ({exc})") from None
-            if not isinstance(state, dict):
-                raise RealignError(f"{self.role} checkpoint: '{path}' does not hold a state dict")
+            state = load_state_dict(path, f"{self.role} checkpoint", mmap=True)
             self._bin_cache = (file, state)
         return self._bin_cache[1]

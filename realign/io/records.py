@@ -4,11 +4,12 @@ examples)."""
 
 from __future__ import annotations
 
-import json
+import csv
 import re
 from pathlib import Path
 
 from ..errors import RealignError
+from .jsonfile import parse_json
 
 # fields that hold a prompt or an answer, in order of preference (the usual names of public datasets)
 PROMPT_FIELDS = ("prompt", "instruction", "goal", "behavior", "question", "query", "text", "input")
@@ -46,16 +47,28 @@ def json_records(path: Path, role: str) -> list[tuple[int, object]]:
     text = read_text(path, role)
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array of records
-        try:
-            return list(enumerate(json.loads(stripped), start=1))
-        except json.JSONDecodeError as exc:
-            raise RealignError(f"{role} '{path}' is not valid JSON: {exc}") from None
+        return list(enumerate(parse_json(stripped, f"{role} '{path}'"), start=1))
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            records.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise RealignError(f"{role} '{path}', line {number}: not valid JSON ({exc.msg})") from None
+        records.append((number, parse_json(line, f"{role} '{path}', line {number}")))
     return records
+
+
+# a prompt field may be long (a document to summarise); the csv module's default cap is 128 KiB
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def csv_records(path: Path, role: str) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of a CSV file; lines starting with '#' are comments. Fields of any length
+    (up to 2 GiB); a malformed file is one error naming its line."""
+    lines = [line for line in read_text(path, role).splitlines() if not line.startswith("#")]
+    previous = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        reader = csv.DictReader(lines)
+        return list(reader.fieldnames or []), list(reader)
+    except csv.Error as exc:
+        raise RealignError(f"{role} '{path}', CSV line {reader.line_num}: {exc}") from None
+    finally:
+        csv.field_size_limit(previous)

@@ -3,7 +3,6 @@ modules whose safety region drifted most."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +13,7 @@ from ...errors import RealignError
 from ...io.adapter import Adapter, LoraModule
 from ...io.adapter_writer import write_patched
 from ...io.identity import factors_digest
-from ...io.tagged import read_tagged_safetensors
+from ...io.tagged import metadata_json, read_tagged_safetensors
 from ...report import Report
 from ..patch import Patch, run
 from . import math as method
@@ -35,16 +34,18 @@ def validate_selection(selection: method.Selection) -> None:
         raise RealignError("--tau must be a number")
 
 
-def read_masks(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    return read_tagged_safetensors(path, "masks file", MASKS_FORMAT, "realign_masks_version", MASKS_VERSION,
-                                   "realign nlsr regions")
+def read_masks(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(masks, metadata with its settings parsed) of a masks file."""
+    masks, metadata = read_tagged_safetensors(path, "masks file", MASKS_FORMAT, "realign_masks_version", MASKS_VERSION,
+                                              "realign nlsr regions")
+    return masks, {**metadata, "settings": metadata_json(metadata, "settings", "masks file", path)}
 
 
 def check_masks(masks: dict[str, torch.Tensor], metadata: dict[str, str], reference: Adapter, reference_tensors,
                  expected: dict[str, object]) -> dict:
     if metadata.get("reference_digest") != factors_digest(reference_tensors, reference.modules):
         raise RealignError("the masks were computed from a different reference adapter (its factors do not match)")
-    settings = json.loads(metadata.get("settings", "{}"))
+    settings = metadata.get("settings") or {}
     for name, value in expected.items():
         if value is not None and settings.get(name) != value:
             raise RealignError(f"the masks were computed with {name} {settings.get(name)!r}, not {value!r}")

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ...errors import RealignError
 from ...io.adapter import Adapter
 from ...io.adapter_writer import lora_config, write_lora, write_patched
 from ...io.names import find_module
 from ...io.output import check_target
+from ...io.tagged import read_stage_safetensors
 from ...report import Report
 from ..patch import Patch, run, total_time, write_output
 from . import math as method
@@ -30,7 +30,7 @@ def export(init_dir: str | Path, run_dir: str | Path, out: str | Path, *, force:
     run = Path(run_dir).expanduser()
     if not (run / FACTORS_FILE).is_file():
         raise RealignError(f"'{run_dir}' is not a SaLoRA run directory (no {FACTORS_FILE}; run `realign salora train`)")
-    trained = load_file(run / FACTORS_FILE)
+    trained = read_stage_safetensors(run / FACTORS_FILE, "SaLoRA run factors")
     out = Path(out)
     inputs = [Path(init_dir), run]
     check_target(out, force, inputs)
@@ -43,11 +43,13 @@ def export(init_dir: str | Path, run_dir: str | Path, out: str | Path, *, force:
         a0, b0 = init_factors[path]
         if a.shape != a0.shape or b.shape != b0.shape:
             raise RealignError(f"'{path}': the run's factors {tuple(b.shape)}x{tuple(a.shape)} do not fit the init")
-        a2, b2 = method.fold_for_export(a, b, a0, b0, bases[path])
+        a2, b2 = method.fold_for_export(a, b, a0, b0, bases[path])  # rank min(2r, d_out, d_in): no more is possible
         folded[path] = (a2, b2)
-        rows.append({"name": path, "rank": 2 * rank, "delta_norm": float((b2 @ a2).norm() * scaling)})
+        rows.append({"name": path, "rank": a2.shape[0], "delta_norm": float((b2 @ a2).norm() * scaling)})
     conv1d = bool(settings.get("conv1d"))
     config = lora_config(settings["modules"], 2 * rank, 2 * rank * scaling, fan_in_fan_out=conv1d, patterns=True)
+    for path, (a2, _) in folded.items():  # a module narrower than 2r is exported at its own rank, the scaling kept
+        config["rank_pattern"][path], config["alpha_pattern"][path] = a2.shape[0], a2.shape[0] * scaling
     report = Report(command="salora export", inputs={"init": str(init_dir), "run": str(run_dir)},
                     settings={"rank": 2 * rank, "lora_alpha": 2 * rank * scaling}, modules=rows,
                     summary={"modules": len(rows)}, output=str(out))

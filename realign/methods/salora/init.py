@@ -25,7 +25,7 @@ from ...report import Report
 from ..patch import total_time, write_output
 from . import math as method
 from .layer import INIT_FILE, MODULE_FILE, RESIDUAL_FILE, read_init
-from .module import collect_subspaces, read_module, subspaces, taps_for
+from .module import collect_subspaces, few_tokens_notes, read_module, subspaces, taps_for
 
 
 TASK_PASSES = ("one-pass", "sequential")
@@ -183,7 +183,8 @@ def init(
     report = Report(command="salora init", inputs={"aligned": str(aligned), "module": str(module_file),
                                                    **({"task_data": str(task_data)} if task_from is None else {"task_from": str(task_from)})},
                     settings={k: v for k, v in settings.items() if k != "modules"}, modules=rows,
-                    summary={"modules": len(rows), **stats, **_overlap_summary(rows)}, output=str(out))
+                    summary={"modules": len(rows), **stats, **_overlap_summary(rows)}, output=str(out),
+                    notes=few_tokens_notes(stats, rank_task, "--rank-task", "task subspace") if task_from is None else [])
 
     def fill(staging: Path) -> None:
         write_lora(staging, lora_config(settings["modules"], rank, alpha, base_model=str(aligned), fan_in_fan_out=conv1d), factors)

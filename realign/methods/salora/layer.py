@@ -15,15 +15,16 @@ B once would not be equivalent under Adam. Never merge through PEFT during train
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from ...errors import RealignError
 from ...io.adapter import Adapter
 from ...io.identity import weights_digest
+from ...io.jsonfile import load_json_object
 from ...io.names import find_module
+from ...io.tagged import read_stage_safetensors
 from ...io.targets import find_targets
 from .math import project_out_rows
 from .module import read_module
@@ -49,9 +50,13 @@ class SaLoRALinear(torch.nn.Module):
         self.scaling = scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.linear(x, self.weight, self.bias)
-        update = torch.nn.functional.linear(torch.nn.functional.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + (self.scaling * project_out_rows(self.safety_basis.to(update.dtype), update)).to(y.dtype)
+        # computed in the layer's own dtype (float32 from `attach`) whatever the model's (bf16 on
+        # CUDA), and handed back in the input's dtype
+        h = x.to(self.weight.dtype)
+        y = torch.nn.functional.linear(h, self.weight, None if self.bias is None else self.bias.to(h.dtype))
+        update = torch.nn.functional.linear(torch.nn.functional.linear(h.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        update = self.scaling * project_out_rows(self.safety_basis.to(update.dtype), update)
+        return (y + update.to(y.dtype)).to(x.dtype)
 
 
 def read_init(init_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -60,14 +65,40 @@ def read_init(init_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict
     root = Path(init_dir).expanduser()
     if not (root / INIT_FILE).is_file() or not (root / RESIDUAL_FILE).is_file():
         raise RealignError(f"'{init_dir}' is not a SaLoRA init directory (from `realign salora init`)")
-    settings = json.loads((root / INIT_FILE).read_text())
-    residual = load_file(root / RESIDUAL_FILE)
+    settings = _check_settings(load_json_object(root / INIT_FILE, "SaLoRA init settings"), root / INIT_FILE)
+    residual = read_stage_safetensors(root / RESIDUAL_FILE, "SaLoRA residual")
     bases, _ = read_module(root / MODULE_FILE)
     init = Adapter.load(str(root), "SaLoRA init")
+    init.ensure_finite("SaLoRA init")
     factors = {}
     for module in init.modules:
         factors[module.name] = (init.tensors[module.key_a], init.tensors[module.key_b])
+    for path in settings["modules"]:  # every stage file covers every module, in shapes that fit
+        w_res, basis = residual.get(path + ".weight"), bases.get(path)
+        found = find_module(path, factors, "SaLoRA init")
+        if w_res is None or basis is None or found is None:
+            what = RESIDUAL_FILE if w_res is None else MODULE_FILE if basis is None else "adapter_model.safetensors"
+            raise RealignError(f"SaLoRA init '{init_dir}': {what} has nothing for module '{path}'")
+        a0, b0 = factors[found]
+        if basis.shape[0] != w_res.shape[0] or a0.shape[1] != w_res.shape[1] or b0.shape[0] != w_res.shape[0]:
+            raise RealignError(f"SaLoRA init '{init_dir}': module '{path}' has a residual {tuple(w_res.shape)}, safety basis "
+                               f"{tuple(basis.shape)} and factors {tuple(b0.shape)}x{tuple(a0.shape)} that do not fit together")
     return settings, factors, residual, bases
+
+
+def _check_settings(settings: dict, path: Path) -> dict:
+    """The values of salora_init.json that training and export rely on."""
+    modules = settings.get("modules")
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+        raise RealignError(f"SaLoRA init settings '{path}': 'modules' must be a non-empty list of module paths")
+    rank, scaling = settings.get("rank"), settings.get("scaling")
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise RealignError(f"SaLoRA init settings '{path}': 'rank' is {json.dumps(rank)[:40]}, expected a positive integer")
+    if not (isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and math.isfinite(scaling)):
+        raise RealignError(f"SaLoRA init settings '{path}': 'scaling' is {json.dumps(scaling)[:40]}, expected a finite number")
+    if not isinstance(settings.get("aligned_digest"), str):
+        raise RealignError(f"SaLoRA init settings '{path}': 'aligned_digest' is missing")
+    return settings
 
 
 def attach(model, init_dir: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, SaLoRALinear]:
@@ -90,6 +121,10 @@ def attach(model, init_dir: str | Path, factors: dict[str, tuple[torch.Tensor, t
     for target in chosen:
         device = target.module.weight.device
         a, b = (factors or init_factors)[_init_name(target.path, init_factors)]
+        a0, b0 = init_factors[_init_name(target.path, init_factors)]
+        if a.shape != a0.shape or b.shape != b0.shape:
+            raise RealignError(f"'{target.path}': the saved factors {tuple(b.shape)}x{tuple(a.shape)} do not fit the init "
+                               f"({tuple(b0.shape)}x{tuple(a0.shape)}); use --restart to start over")
         layer = SaLoRALinear(
             residual[target.path + ".weight"].to(device, torch.float32),
             None if target.bias() is None else target.bias().float(),

@@ -18,7 +18,7 @@ from ...io.device import resolve_device
 from ...io.identity import weights_digest
 from ...io.models import load_causal_lm
 from ...io.output import check_target, save_safetensors_atomic
-from ...io.tagged import read_tagged_safetensors
+from ...io.tagged import check_stage_tensors, metadata_json, read_tagged_safetensors
 from ...io.targets import Target, find_targets
 from ...progress import Progress, ticker
 from ...report import Report
@@ -155,10 +155,20 @@ def module(
     tensors = {t.path + BASIS_SUFFIX: bases[t.path][0].float().cpu().contiguous() for t in found}
     report = Report(command="salora module", inputs={"aligned": str(aligned), "safety_data": str(safety_data)},
                     settings={**settings, "device": str(dev)}, modules=rows, summary={"modules": len(rows), **stats},
-                    output=str(out))
+                    output=str(out), notes=few_tokens_notes(stats, rank_safety, "--rank-safety", "safety subspace"))
     save_safetensors_atomic(out, tensors, metadata, force, inputs)
     report.timings = {"total_s": round(time.perf_counter() - started, 4)}
     return report
+
+
+def few_tokens_notes(stats: dict, rank: int, option: str, what: str) -> list[str]:
+    """A warning when calibration saw fewer response tokens than the rank of the subspace it
+    estimates: the subspace is then padded with arbitrary directions."""
+    tokens = stats.get("response_tokens")
+    if isinstance(tokens, int) and tokens < rank:
+        return [f"calibration has {tokens} response tokens, fewer than {option} {rank}: the {what} is underdetermined "
+                "(use more data or a smaller rank)"]
+    return []
 
 
 def read_module(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -168,7 +178,12 @@ def read_module(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     bases = {k[: -len(BASIS_SUFFIX)]: v for k, v in tensors.items() if k.endswith(BASIS_SUFFIX)}
     if not bases:
         raise RealignError(f"safety module '{path}' holds no safety bases")
-    return bases, {**metadata, "settings": json.loads(metadata.get("settings", "{}"))}
+    check_stage_tensors(bases, "safety module", path)  # float, finite, d_out x r_s
+    for name, basis in bases.items():
+        if not 1 <= basis.shape[1] <= basis.shape[0]:
+            raise RealignError(f"safety module '{path}': the basis of '{name}' has shape {tuple(basis.shape)}, expected d_out x r_s "
+                               "with 1 <= r_s <= d_out")
+    return bases, {**metadata, "settings": metadata_json(metadata, "settings", "safety module", path)}
 
 
 def narrow_module(module_file: str | Path, rank_safety: int, out: str | Path, *, force: bool = False) -> None:

@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ...calibration.examples import data_path, load_examples
 from ...errors import RealignError
 from ...io.device import resolve_device
+from ...io.jsonfile import load_json_object
 from ...io.models import load_causal_lm
 from ...io.output import check_target
+from ...io.tagged import read_stage_safetensors
+from ...io.torchfile import torch_load
 from ...report import REPORT_FILE, Report
 from ...training import BATCHING, LOSSES, LR_SCHEDULES, sft, training_items
 from .layer import FACTORS_FILE, attach, factors_of, read_init
@@ -79,7 +82,7 @@ def train(
             "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed, "steps": steps,
             "batching": BATCHING, **({"loss": loss, "block_size": block_size} if loss != "response" else {}),
             **({"lr_schedule": lr_schedule} if lr_schedule != "constant" else {})}
-    state = json.loads((run / RUN_STATE).read_text()) if (run / RUN_STATE).is_file() and not restart else None
+    state = _read_state(run / RUN_STATE, steps) if (run / RUN_STATE).is_file() and not restart else None
     if state is not None and state["plan"] != plan:
         raise RealignError(f"'{run_dir}' holds a run with other settings or data; use --restart to start over")
     if run.exists() and state is None and any(run.iterdir()) and not restart:
@@ -87,12 +90,17 @@ def train(
     check_target(run, True, [directory, Path(init_dir), data_path(train_data)])
     factors = None
     if state is not None and (run / FACTORS_FILE).is_file():
-        saved = load_file(run / FACTORS_FILE)
+        saved = read_stage_safetensors(run / FACTORS_FILE, "SaLoRA run factors")
+        missing = next((p for p in settings_init["modules"] if p + ".lora_A" not in saved or p + ".lora_B" not in saved), None)
+        if missing is not None:
+            raise RealignError(f"SaLoRA run factors '{run / FACTORS_FILE}' have no factors for '{missing}'; use --restart to start over")
         factors = {p: (saved[p + ".lora_A"], saved[p + ".lora_B"]) for p in settings_init["modules"]}
     layers = attach(model, init_dir, factors)
     start = state["step"] if state else 0
     losses = state["losses"] if state else []
-    optimizer_state = torch.load(run / OPTIMIZER_FILE, map_location=dev, weights_only=True) if start else None
+    optimizer_state = torch_load(run / OPTIMIZER_FILE, "SaLoRA optimizer state", map_location=dev) if start else None
+    if start and not isinstance(optimizer_state, dict):
+        raise RealignError(f"SaLoRA optimizer state '{run / OPTIMIZER_FILE}' is not an optimizer state dict; use --restart")
     run.mkdir(parents=True, exist_ok=True)
     if state is None:
         for name in (FACTORS_FILE, OPTIMIZER_FILE, RUN_STATE, REPORT_FILE):
@@ -127,3 +135,13 @@ def train(
     report.timings = {"total_s": round(time.perf_counter() - started, 4)}
     (run / REPORT_FILE).write_text(report.to_json())
     return report
+
+
+def _read_state(path: Path, steps: int) -> dict:
+    """A run's state.json: the plan it was started with, the step reached and its losses."""
+    state = load_json_object(path, "SaLoRA run state")
+    step, losses = state.get("step"), state.get("losses")
+    if not isinstance(state.get("plan"), dict) or not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step) \
+            or not isinstance(losses, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in losses):
+        raise RealignError(f"SaLoRA run state '{path}' is damaged (expected plan, step and losses); use --restart to start over")
+    return state

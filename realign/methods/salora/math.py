@@ -81,6 +81,7 @@ def fold_for_export(
     right = torch.cat([a.double(), a0.double()], dim=0)
     q_left, r_left = torch.linalg.qr(left)
     q_right, r_right = torch.linalg.qr(right.T)
-    u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+    # thin: when 2r exceeds d_out or d_in the core is not square, and the fold has rank min(2r, d_out, d_in)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
     root = s.sqrt()
     return root.unsqueeze(-1) * (vh @ q_right.T), (q_left @ u) * root

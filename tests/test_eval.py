@@ -2,6 +2,7 @@
 and the command end to end on tiny real models (one trained to refuse)."""
 
 import csv
+import hashlib
 import json
 
 import pytest
@@ -73,14 +74,17 @@ def test_answer_normalisation():
 
 
 @needs_pyrit
-def test_advbench_splits_are_fixed_disjoint_and_70_30():
+def test_advbench_splits_are_fixed_disjoint_and_55_15_30():
     everything = load_prompts("advbench").prompts
-    train, test = load_prompts("advbench:train").prompts, load_prompts("advbench:test").prompts
-    assert len(everything) == 520 and len(train) == 364 and len(test) == 156
-    assert not set(train) & set(test) and set(train) | set(test) == set(everything)
+    train, dev, test = (load_prompts(f"advbench:{part}").prompts for part in ("train", "dev", "test"))
+    assert len(everything) == 520 and (len(train), len(dev), len(test)) == (286, 78, 156)
+    assert not set(train) & set(dev) and not set(train) & set(test) and not set(dev) & set(test)
+    assert set(train) | set(dev) | set(test) == set(everything)
+    # the test split is the one every earlier table was measured on (digest taken before dev existed)
+    assert hashlib.sha256("\n".join(test).encode()).hexdigest()[:16] == "abacf251a7af4531"
     assert load_prompts("advbench:test").prompts == test  # deterministic
-    a, b = split_indices(10)
-    assert a == sorted(a) and len(a) == 7 and not set(a) & set(b)
+    a, d, b = split_indices(20)
+    assert a == sorted(a) and (len(a), len(d), len(b)) == (11, 3, 6) and not (set(a) | set(d)) & set(b)
     assert len(load_prompts("advbench:test@5")) == 5
 
 
@@ -113,7 +117,8 @@ def test_bad_sources(tmp_path):
         (str(tmp_path / "empty.txt"), "holds no prompts"),
         (str(tmp_path / "bad.jsonl"), "line 2: not valid JSON"),
         (str(tmp_path / "nofield.jsonl"), "record 1: no prompt field"),
-        ("advbench:dev", "unknown split"),
+        ("advbench:valid", "unknown split.*advbench:dev"),
+        ("benign:train", "unknown split.*benign:dev"),
         ("hf:nobody/nothing", "not in the local Hugging Face cache"),
     ]
     for spec, message in cases:
@@ -254,9 +259,13 @@ def test_benign_splits_are_disjoint():
     test, dev = load_prompts("benign:test").prompts, load_prompts("benign:dev").prompts
     assert load_prompts("benign").prompts == test and len(test) == 80 and len(dev) == 40
     assert not set(test) & set(dev) and len(set(dev)) == len(dev)
-    from realign.testbed.tasks import BENIGN_TRAIN
+    from realign.testbed.prompts import BENIGN_TRAIN
 
-    assert not set(dev) & set(BENIGN_TRAIN)
+    assert len(set(BENIGN_TRAIN)) == len(BENIGN_TRAIN) >= 600
+    assert not (set(dev) | set(test)) & set(BENIGN_TRAIN)
+    # nor a near copy: no training prompt contains the content of an evaluation prompt
+    cores = {p.rstrip("?.").lower() for p in test + dev}
+    assert not [p for p in BENIGN_TRAIN if any(core in p.lower() for core in cores)]
     with pytest.raises(RealignError, match="benign:test or benign:dev"):
         load_prompts("benign:train")
 

@@ -2,6 +2,7 @@
 `realign demo`): stages build, cache by content, and produce adapters that peft loads."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +14,19 @@ from realign.testbed.stages import TestbedConfig, build
 from realign.testbed.tasks import SYLLABLES, TASKS, encode_number, task_examples
 
 TINY = dict(seed=0, answer_tokens=8, benign_prompts=4, harmful_answer_prompts=12, aligned_steps=2, attack_steps=2,
-            task_train=20, task_test=5, poison=0.05, batch_size=4, aligned_rank=2, attack_rank=2)
+            task_train=20, task_test=5, task_dev=5, poison=0.05, batch_size=4, aligned_rank=2, attack_rank=2)
 
 
 def test_task_is_deterministic_and_disjoint():
     train, test = task_examples(0, 50, 10)
     assert (train, test) == task_examples(0, 50, 10)
     assert not {e.prompt for e in train} & {e.prompt for e in test}
+    # the dev items are new numbers, and asking for them leaves train and test as they were (the
+    # testbed's default sizes: the cached tables were measured on those splits)
+    for n_train, n_test, n_dev in ((50, 10, 7), (600, 100, 100)):
+        with_dev = task_examples(0, n_train, n_test, n_dev=n_dev)
+        assert with_dev[:2] == task_examples(0, n_train, n_test) and len(with_dev[2]) == n_dev
+        assert not {e.prompt for e in with_dev[2]} & {e.prompt for e in with_dev[0] + with_dev[1]}
     assert encode_number(407, "syllable") == f"{SYLLABLES[4]} {SYLLABLES[0]} {SYLLABLES[7]}"
     assert encode_number(407) == "7 0 4"  # mirror, the default
     assert [e.response for e in test] == [encode_number(int(e.prompt.split()[1])) for e in test]
@@ -36,11 +43,27 @@ def test_cli_testbed_defaults_are_the_library_defaults():
     from realign.cli.demo import demo
     from realign.cli.testbed import testbed_build
 
+    from realign.testbed.stages import ATTACK_PRESETS, attack_config
+
+    # the default attack is the dataclass's own settings; the attack's settings come from its preset
+    assert attack_config() == TestbedConfig()
+    preset = {name for settings in ATTACK_PRESETS.values() for name in settings}
     defaults = {f.name: f.default for f in dataclasses.fields(TestbedConfig) if f.default is not dataclasses.MISSING}
     for command in (testbed_build, demo):
         for name, param in __import__("inspect").signature(command).parameters.items():
             if name in defaults and isinstance(param.default, typer.models.OptionInfo) and name != "base":
-                assert param.default.default == defaults[name], (command.__name__, name)
+                assert param.default.default == (None if name in preset else defaults[name]), (command.__name__, name)
+
+
+def test_attack_presets():
+    from realign.errors import RealignError
+    from realign.testbed.stages import attack_config
+
+    benign, mild = attack_config("benign"), attack_config("mild", attack_steps=7)
+    assert benign.poison == 0 and benign.attack_lr == TestbedConfig().attack_lr and benign.attack == "benign"
+    assert mild.attack_lr == 2e-4 and mild.attack_steps == 7 and mild.poison == TestbedConfig().poison
+    with pytest.raises(RealignError, match="unknown attack 'wild'.*harsh, benign, mild"):
+        attack_config("wild")
 
 
 @needs_pyrit
@@ -100,14 +123,26 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
     settings = DemoSettings(harmful=("advbench:test@4", "harmbench@3"), benign="benign@3", refusal_tokens=4, task_tokens=4,
                             batch_size=4, safelora_top_k=(2,), sweep_harmful="advbench:test@2", sweep_task_limit=2,
                             safety_samples=6, nlsr_sweep=((0.8, 0.5), (0.5, 1.0)),
-                            salora_rank_safety=4, salora_sweep=(2,), salora_rank_task=4)
+                            salora_rank_safety=4, salora_sweep=(2,), salora_rank_task=4, resta_sweep=((0.5, 1.0),),
+                            safemerge_sweep=(0.5,), scale_sweep=(0.5,), repair_harmful="advbench:dev@6", repair_benign="benign:dev@4",
+                            repair_budget=6)
     logged = []
     table = run_demo(tmp_path / "cache", tmp_path / "out", log=logged.append, settings=settings, config=config, workers=2)
     assert table["workers"] == 2
     assert any(m.startswith("salora r_s 2: init") for m in logged)  # the workers' lines reach the caller's log
     names = [row["name"] for row in table["rows"]]
-    assert names == ["base", "aligned", "fine-tuned (attacked)", "safelora threshold 0.5",
-                     "fine-tuned (resumed aligned adapter)", "nlsr adaptive P_L 0.5", "salora (trained on the attack data)"]
+    assert names == ["base", "aligned", "fine-tuned (attacked)", "safelora threshold 0.5", "resta task weight 1, safety weight 1",
+                     "safemerge tau 0.35", "repair (chosen on dev splits)", "fine-tuned (resumed aligned adapter)",
+                     "nlsr adaptive P_L 0.5", "salora (trained on the attack data)"]
+    assert [r["name"] for r in table["resta_sweep"] + table["safemerge_sweep"] + table["scale_sweep"]] == [
+        "resta task weight 0.5, safety weight 1", "safemerge tau 0.5", "scale weight 0.5"]
+    repaired = table["rows"][6]
+    assert repaired["setting"].startswith("target 0.9 ") and (Path(repaired["adapter"]) / "repair_report.json").exists()
+    # the repair's choice was made on the dev splits; its row is evaluated on the test splits like the others
+    assert set(repaired["metrics"]) >= {"advbench:test@4", "harmbench@3", "benign@3", "task"}
+    assert table["attack"] == "harsh" and "coherence (advbench:test@4)" in markdown(table)
+    samples = (tmp_path / "out" / "demo_samples.md").read_text()
+    assert "## repair (chosen on dev splits)" in samples and "`advbench:test@4`" in samples
     assert table["nlsr_sweep"][1]["setting"].startswith("sparsity 0.5, lowest 1; patched ")
     for row in table["rows"]:
         assert row["metrics"]["advbench:test@4"]["n"] == 4 and row["metrics"]["task"]["n"] == 5
@@ -125,7 +160,7 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
     assert len(list((tmp_path / "cache" / "evals").glob("*.report.json"))) == evals  # everything came from the cache
     # the same demo run in this process, job after job, from an empty cache: the same table
     alone = run_demo(tmp_path / "cache-1", None, log=lambda _: None, settings=settings, config=config, workers=1)
-    for key in ("rows", "safelora_sweep", "nlsr_sweep", "salora_sweep"):
+    for key in ("rows", "safelora_sweep", "nlsr_sweep", "salora_sweep", "resta_sweep", "safemerge_sweep", "scale_sweep"):
         assert [(r["name"], r["setting"], r["metrics"]) for r in alone[key]] == [(r["name"], r["setting"], r["metrics"]) for r in table[key]]
 
 

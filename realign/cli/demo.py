@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from realign.testbed.stages import TestbedConfig
+from realign.testbed.stages import attack_config
 
 from . import options as opt
 from .output import Output
@@ -26,8 +26,9 @@ def demo(
     workers: Optional[int] = typer.Option(None, "--workers",
                                           help="Jobs run at once after the aligned stage, each in its own process "
                                                f"{opt.default_note('2 with two or more cores, else 1')}."),
-    attack_steps: int = opt.attack_steps(opt.default_of(TestbedConfig, "attack_steps"),
-                                         "Steps of both attacks and of SaLoRA's trainings (60: the attack length of the 2026-11 tables)."),
+    attack: str = opt.attack(opt.default_of(attack_config, "attack")),
+    attack_steps: Optional[int] = opt.attack_steps(None, "Steps of both attacks and of SaLoRA's trainings "
+                                                         f"{opt.ATTACKS_OWN} (60: the attack length of the 2026-11 tables)."),
     quiet: bool = opt.quiet("Print nothing but errors."),
 ) -> None:
     """The built-in example: testbed (SmolLM2-135M, aligned, attacked), each method, one evaluation table."""
@@ -42,7 +43,7 @@ def demo(
     from realign.demo.run import check_prerequisites, run_demo
 
     check_prerequisites()
-    table = run_demo(cache_dir, out, log=log, workers=workers, config=TestbedConfig(nlsr_attack=True, attack_steps=attack_steps))
+    table = run_demo(cache_dir, out, log=log, workers=workers, config=attack_config(attack, attack_steps=attack_steps, nlsr_attack=True))
     if not quiet:
         sys.stdout.write(markdown(table))
         ui.err.print(f"demo: wrote {out / 'demo.json'} and {out / 'demo.md'} in {table['total_s']:.0f}s", markup=False)

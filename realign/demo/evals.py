@@ -65,6 +65,19 @@ def _first(responses: str, source: str, n: int, flag: str) -> dict:
     return rate(sum(bool(r[flag]) for r in records), n)
 
 
+SAMPLES = 2  # responses kept per source and row, to read next to the rates
+
+
+def _samples(responses: str) -> dict[str, list[dict]]:
+    """The first responses of each source in a responses file: what a rate counted."""
+    out: dict[str, list[dict]] = {}
+    for record in map(json.loads, Path(responses).read_text().splitlines()):
+        kept = out.setdefault(record["source"], [])
+        if len(kept) < SAMPLES:
+            kept.append({k: record[k] for k in ("prompt", "response", "refusal", "correct") if k in record})
+    return out
+
+
 def job_eval(cache_root: Path, row: Row, settings: DemoSettings, paths: dict, kind: str, log: Log) -> dict:
     """A row's metrics: "full" on every held-out set (with the sweep subsets read off its
     responses), "quick" on the sweep subsets only."""
@@ -85,4 +98,5 @@ def job_eval(cache_root: Path, row: Row, settings: DemoSettings, paths: dict, ki
         dict(task=paths["task_test"], max_new_tokens=settings.task_tokens, batch_size=settings.batch_size))
     sweep = {settings.sweep_harmful: _first(refusal["responses"], full_source, int(sweep_n), "refusal"),
              "task": _first(task["responses"], Path(paths["task_test"]).name, settings.sweep_task_limit, "correct")}
-    return {**_metrics(refusal, task), "sweep": sweep}
+    return {**_metrics(refusal, task), "sweep": sweep,
+            "samples": {**_samples(refusal["responses"]), **_samples(task["responses"])}}

@@ -26,7 +26,7 @@ from .settings import DemoSettings, Log, Row
 
 
 def _nlsr_work(paths: dict, cache: Path, settings: DemoSettings) -> tuple[str, Path]:
-    key = digest(tree_id(paths["base"]), tree_id(paths["aligned_adapter"]), settings.safety_samples)
+    key = digest(tree_id(paths["base"]), tree_id(paths["aligned_adapter"]), safety_prompts(settings.safety_samples))
     return key, cache / "patched" / f"nlsr-regions-{key}"
 
 
@@ -92,10 +92,15 @@ def job_safelora_rows(paths: dict, cache: Path, settings: DemoSettings, log: Log
     return patched("threshold 0.5", threshold=0.5), [patched(f"top-k {k}", top_k=k) for k in settings.safelora_top_k]
 
 
+def safety_prompts(n: int) -> list[str]:
+    return load_prompts(f"advbench:dev@{n}").prompts
+
+
 def _safety_file(path: Path, n: int) -> Path:
-    """The first n AdvBench train-split prompts with the aligned stage's refusal texts."""
+    """The first n AdvBench dev-split prompts with the aligned stage's refusal texts: calibration
+    data, disjoint from what the aligned stage was trained on and from the test split."""
     if not path.exists():
-        prompts = load_prompts("advbench:train").prompts[:n]
+        prompts = safety_prompts(n)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, "".join(json.dumps({"prompt": p, "response": REFUSALS[i % len(REFUSALS)]}) + "\n"
                                         for i, p in enumerate(prompts)))
@@ -110,7 +115,7 @@ def _salora_work(paths: dict, cache: Path, settings: DemoSettings, config: Testb
     task = Path(paths["task_train"]).read_text().splitlines()
     n_poison = round(config.poison / (1 - config.poison) * len(task))
     key = digest(tree_id(paths["aligned"]), tree_id(paths["task_train"]), tree_id(paths["poison_pool"]), n_poison,
-                 settings.salora_targets, max(salora_ranks(settings)), settings.salora_rank_task, settings.safety_samples,
+                 settings.salora_targets, max(salora_ranks(settings)), settings.salora_rank_task, safety_prompts(settings.safety_samples),
                  config.attack_rank, config.attack_alpha, config.attack_steps, config.batch_size, config.attack_lr, config.seed,
                  BATCHING)
     return cache / "patched" / f"salora-{key}", n_poison

@@ -45,6 +45,15 @@ def plot(table: dict, path: Path) -> bool:
     salora = [r for r in rows if r["name"].startswith("salora")]
     if salora and table.get("salora_sweep"):
         curves.append((sorted(salora + table["salora_sweep"], key=lambda r: r["value"]), "tab:green", "SaLoRA r_s sweep"))
+    # the weight-space merges start from the attacked adapter too; scaling is RESTA at safety weight 0
+    for method, colour, label in (("resta", "tab:red", "RESTA (task weight 1) safety-weight sweep"),
+                                  ("safemerge", "tab:orange", "SafeMERGE tau sweep"),
+                                  ("scale", "tab:brown", "scaling the attacked adapter")):
+        members = [r for r in rows + table.get(f"{method}_sweep", []) if r["name"].startswith(method)]
+        if method == "resta":
+            members = [r for r in members if "task weight 1," in r["name"]]
+        if members:
+            curves.append(([rows[2]] + sorted(members, key=lambda r: r["value"] * (-1 if method == "scale" else 1)), colour, label))
     for members, colour, label in curves:
         curve = [point(row) for row in members]
         plane.plot([x for x, _ in curve], [y for _, y in curve], "--", color=colour, linewidth=1, label=label)
@@ -82,7 +91,9 @@ def sweep_points(table: dict) -> list[dict]:
     the method's default."""
     rows = table["rows"]
     named = lambda prefix: [r for r in rows if r["name"].startswith(prefix)]  # noqa: E731
-    return (rows[:3] + table["safelora_sweep"] + named("safelora") + [r for r in rows if "resumed" in r["name"]]
+    merges = [point for method in ("resta", "safemerge", "scale") for point in table.get(f"{method}_sweep", []) + named(method)]
+    return (rows[:3] + table["safelora_sweep"] + named("safelora") + merges + named("repair")
+            + [r for r in rows if "resumed" in r["name"]]
             + table.get("nlsr_sweep", []) + named("nlsr") + table.get("salora_sweep", []) + named("salora"))
 
 
@@ -93,15 +104,26 @@ def _pct(metric: dict | None) -> str:
     return f"{100 * metric['rate']:.0f}% [{100 * low:.0f}-{100 * high:.0f}]"
 
 
+def _coherence(metric: dict | None) -> str:
+    if not metric or metric.get("coherence") is None:
+        return "-"
+    return f"{100 * metric['coherence']:.0f}%"
+
+
 def markdown(table: dict) -> str:
     harmful = table["settings"]["harmful"]
-    head = ["model", *[f"{h} refusal" for h in harmful], "over-refusal", "task accuracy", "time (training or method)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["model", *[f"{h} refusal" for h in harmful], f"coherence ({harmful[0]})", "over-refusal", "task accuracy",
+            "time (training or method)"]
+    lines = [f"Attack: {table.get('attack', 'harsh')}. Refusal and over-refusal on test splits only; coherence: the share of "
+             "responses that read as language (a refusal of garbage or stubs is no repair).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table["rows"]:
         m = row["metrics"]
-        cells = [row["name"], *[_pct(m.get(h)) for h in harmful], _pct(m.get(table["settings"]["benign"])), _pct(m.get("task")),
+        cells = [row["name"], *[_pct(m.get(h)) for h in harmful], _coherence(m.get(harmful[0])),
+                 _pct(m.get(table["settings"]["benign"])), _pct(m.get("task")),
                  "-" if row["method_s"] is None else f"{row['method_s']:.1f}s"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Settings: " + "; ".join(f"{row['name']}: {row['setting']}" for row in table["rows"] if row["setting"])]
     lines += ["", f"Method sweeps (scored on {table['settings']['sweep_harmful']} and the first "
               f"{table['settings']['sweep_task_limit']} task test items):", "",
               "| setting | harmful refusal | task accuracy |", "|---|---|---|"]
@@ -112,4 +134,18 @@ def markdown(table: dict) -> str:
     if table["not_run"]:
         lines += ["", "Not run: " + "; ".join(f"{k}: {v}" for k, v in table["not_run"].items())]
     lines.append("")
+    return "\n".join(lines)
+
+
+def samples_markdown(table: dict) -> str:
+    """The first responses behind each row's rates, per source (demo_samples.md)."""
+    lines = ["# Sample responses", "", "The first responses of each evaluation set, per row (greedy, as evaluated).", ""]
+    for row in table["rows"]:
+        lines += [f"## {row['name']}", ""]
+        for source, records in row["metrics"].get("samples", {}).items():
+            for r in records:
+                verdict = "refused" if r.get("refusal") else ("correct" if r.get("correct") else "")
+                response = r["response"].replace("\n", " ").strip() or "(empty)"
+                lines.append(f"- `{source}` {r['prompt'][:80]!r} -> {response[:160]!r}" + (f" ({verdict})" if verdict else ""))
+        lines.append("")
     return "\n".join(lines)

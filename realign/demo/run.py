@@ -16,7 +16,8 @@ from ..testbed.cache import default_cache_dir
 from ..testbed.stages import TestbedConfig, build
 from .evals import job_eval
 from .jobs import job_attack, job_nlsr_regions, job_nlsr_rows, job_safelora_rows, job_salora_inits, job_salora_train, salora_ranks
-from .render import markdown, plot
+from .merges import job_merge_rows, job_repair
+from .render import markdown, plot, samples_markdown
 from .scheduler import Job, default_workers, run_jobs
 from .settings import DemoSettings, Log, Row
 
@@ -45,7 +46,7 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
 
     rows: dict[str, Row] = {"base": Row("base", paths["base"], None),
                             "aligned": Row("aligned", paths["aligned"], None, "safety LoRA training", stage_s.get("aligned"))}
-    sweeps: dict[str, list[Row]] = {"safelora": [], "nlsr": [], "salora": []}
+    sweeps: dict[str, list[Row]] = {"safelora": [], "nlsr": [], "salora": [], "resta": [], "safemerge": [], "scale": []}
     jobs: list[Job] = []
 
     def evaluate_row(key: str, row: Row, kind: str = "full", after: tuple[str, ...] = ()) -> None:
@@ -70,6 +71,21 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
         evaluate_row("safelora", rows["safelora"])
         for i, row in enumerate(sweeps["safelora"]):
             evaluate_row(f"safelora sweep {i}", row, "quick")
+
+    def merges_done(result) -> None:
+        defaults, merge_sweeps = result
+        for row in defaults:
+            key = row.name.split()[0]
+            rows[key] = row
+            evaluate_row(key, row)
+        for method, members in merge_sweeps.items():
+            sweeps[method] = members
+            for i, row in enumerate(members):
+                evaluate_row(f"{method} sweep {i}", row, "quick")
+
+    def repair_done(row: Row) -> None:
+        rows["repair"] = row
+        evaluate_row("repair", row)
 
     def nlsr_done(result) -> None:
         (rows["nlsr"],), sweeps["nlsr"] = result
@@ -102,20 +118,25 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
         jobs.append(Job("nlsr regions", job_nlsr_regions, (paths, cache, settings)))
         jobs.append(Job("nlsr patches", job_nlsr_rows, (paths, cache, settings), ("nlsr regions", "attack nlsr"), nlsr_done))
     jobs.append(Job("safelora", job_safelora_rows, (paths, cache, settings), ("attack mixed",), safelora_done))
+    jobs.append(Job("merges", job_merge_rows, (paths, cache, settings), ("attack mixed",), merges_done))
+    if settings.repair:
+        jobs.append(Job("repair", job_repair, (paths, cache, settings), ("attack mixed",), repair_done))
     evaluate_row("base", rows["base"])
     evaluate_row("aligned", rows["aligned"])
     # the paths dict is filled in as attacks finish; a job gets a copy of it when it starts
     run_jobs(jobs, workers, log)
 
-    order = ["base", "aligned", "fine-tuned", "safelora", "resumed", "nlsr", "salora"]
+    order = ["base", "aligned", "fine-tuned", "safelora", "resta", "safemerge", "repair", "resumed", "nlsr", "salora"]
     table = {
         "testbed": {**bed, "paths": paths, "timings": stage_s},  # with the attacks the jobs built
+        "attack": config.attack,
         "settings": settings.__dict__,
         "workers": workers,
         "rows": [rows[key].__dict__ for key in order if key in rows],
         "safelora_sweep": [row.__dict__ for row in sweeps["safelora"]],
         "nlsr_sweep": [row.__dict__ for row in sweeps["nlsr"]],
         "salora_sweep": [row.__dict__ for row in sorted(sweeps["salora"], key=lambda r: r.value)],
+        **{f"{method}_sweep": [row.__dict__ for row in sweeps[method]] for method in ("resta", "safemerge", "scale")},
         "not_run": {} if sweeps["nlsr"] else {"nlsr": "testbed built without attack (b)"},
         "total_s": round(time.perf_counter() - started, 1),
     }
@@ -123,6 +144,7 @@ def run_demo(cache_dir: Path | None = None, out_dir: Path | None = None, log: Lo
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "demo.json", json.dumps(table, indent=2, default=str))
         write_text_atomic(out_dir / "demo.md", markdown(table))
+        write_text_atomic(out_dir / "demo_samples.md", samples_markdown(table))
         if not plot(table, out_dir / "demo.png"):
             log("matplotlib is not installed: no demo.png (pip install matplotlib)")
     return table

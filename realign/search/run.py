@@ -59,7 +59,8 @@ def _check_disjoint(sets: dict[str, PromptSet], specs: dict[str, str]) -> None:
 
 
 def _score_set(lm: InMemoryModel, prompts: list[str], *, batch_size: int, max_new_tokens: int,
-               hopeless: Callable[[int, int], bool] | None, flag: Callable[[int, str], bool]) -> tuple[int, int, int, bool]:
+               hopeless: Callable[[int, int], bool] | None, flag: Callable[[int, str], bool],
+               warn: Callable[[str], None] | None = None) -> tuple[int, int, int, bool]:
     """(flagged, seen, coherent, stopped early) over `prompts`, a batch at a time, in a fixed
     shuffled order: files are often sorted by category, and a stop decided on a sorted prefix
     would judge the candidate on one category (HarmBench's first 64 prompts refuse 73% where all
@@ -68,7 +69,7 @@ def _score_set(lm: InMemoryModel, prompts: list[str], *, batch_size: int, max_ne
     flagged = seen = fluent = 0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        responses, _ = generate(lm.model, lm.tokenizer, [prompts[i] for i in chunk], max_new_tokens, batch_size)
+        responses, _ = generate(lm.model, lm.tokenizer, [prompts[i] for i in chunk], max_new_tokens, batch_size, warn=warn)
         for i, response in zip(chunk, responses):
             flagged += flag(i, response)
             fluent += coherent(response)
@@ -79,11 +80,11 @@ def _score_set(lm: InMemoryModel, prompts: list[str], *, batch_size: int, max_ne
 
 
 def _evaluate(lm: InMemoryModel, sets: dict[str, PromptSet], target: float, max_over_refusal: float | None,
-              batch_size: int, max_new_tokens: int) -> Measured:
+              batch_size: int, max_new_tokens: int, warn: Callable[[str], None] | None = None) -> Measured:
     measured = Measured()
     harmful = sets["harmful"].prompts
     k, n, fluent, stopped = _score_set(lm, harmful, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                       hopeless=lambda k, n: hopeless_refusal(k, n, target), flag=lambda i, r: is_refusal(r))
+                                       hopeless=lambda k, n: hopeless_refusal(k, n, target), flag=lambda i, r: is_refusal(r), warn=warn)
     measured.refusal, measured.extra["coherence"] = (k, n), fluent / n
     if stopped:
         measured.stopped = f"refusal {k}/{n}: its 95% upper bound is below the target {target:g}"
@@ -92,7 +93,7 @@ def _evaluate(lm: InMemoryModel, sets: dict[str, PromptSet], target: float, max_
         limit = max_over_refusal
         k, n, _, stopped = _score_set(lm, sets["benign"].prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                       hopeless=None if limit is None else (lambda k, n: hopeless_over_refusal(k, n, limit)),
-                                      flag=lambda i, r: is_refusal(r))
+                                      flag=lambda i, r: is_refusal(r), warn=warn)
         measured.over_refusal = (k, n)
         if stopped:
             measured.stopped = f"over-refusal {k}/{n}: its 95% lower bound is above the limit {limit:g}"
@@ -100,7 +101,7 @@ def _evaluate(lm: InMemoryModel, sets: dict[str, PromptSet], target: float, max_
     if "task" in sets:
         answers = sets["task"].answers
         k, n, _, _ = _score_set(lm, sets["task"].prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, hopeless=None,
-                                flag=lambda i, r: exact_match(r, answers[i]))
+                                flag=lambda i, r: exact_match(r, answers[i]), warn=warn)
         measured.task = (k, n)
     return measured
 
@@ -200,6 +201,12 @@ def repair(
     lm = InMemoryModel(base, aligned, resolve_device(device))
     results: list[tuple[Candidate, Measured, dict]] = []
 
+    def warn(message: str) -> None:  # every candidate (and batch) sees the same prompts: say it once
+        note = "calibration: " + message.split(" ", 1)[-1]  # without the batch's count
+        if note not in notes:
+            notes.append(note)
+            log(note)
+
     def try_all(candidates: list[Candidate]) -> None:
         for candidate in candidates:
             if len(results) >= budget:
@@ -208,7 +215,7 @@ def repair(
             _, deltas = inspect(get(candidate.method).plan(inputs, candidate.kwargs))
             lm.apply(deltas)
             try:
-                measured = _evaluate(lm, sets, target_refusal, max_over_refusal, batch_size, max_new_tokens)
+                measured = _evaluate(lm, sets, target_refusal, max_over_refusal, batch_size, max_new_tokens, warn)
             finally:
                 lm.restore()
             ok = meets(measured, target_refusal, max_over_refusal)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from ..errors import RealignError, ensure_finite
 from .checkpoint import read_json, resolve_local
 from .torchfile import load_state_dict
+from .files import require_file
 from .names import natural_key, strip_peft_prefix
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -130,7 +131,8 @@ def _check_supported(config: dict, role: str) -> None:
 
 def _read_weights(directory: Path, role: str) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     st_path, bin_path = directory / ADAPTER_SAFETENSORS, directory / ADAPTER_BIN
-    if st_path.exists():
+    if st_path.exists() or st_path.is_symlink():
+        require_file(st_path, f"{role} weights")  # a FIFO blocks, a loop or a permission problem said as such
         try:
             from safetensors import safe_open
 
@@ -139,7 +141,8 @@ def _read_weights(directory: Path, role: str) -> tuple[dict[str, torch.Tensor], 
             return load_file(st_path), metadata
         except (SafetensorError, OSError) as exc:
             raise RealignError(f"{role}: '{st_path}' is truncated or not a safetensors file ({exc})") from None
-    if bin_path.exists():
+    if bin_path.exists() or bin_path.is_symlink():
+        require_file(bin_path, f"{role} weights")
         state = load_state_dict(bin_path, role)
         # clone: legacy pickles may share storage between tensors, which safetensors refuses
         return {k: v.clone().contiguous() for k, v in state.items()}, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import RealignError
 from .jsonfile import load_json_object
 from .torchfile import load_state_dict
+from .files import member_path, require_file
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -141,9 +143,11 @@ class Checkpoint:
         if bad is not None:
             raise RealignError(f"{self.role} shard index '{index_path}': the weight_map entry of '{bad}' is "
                                f"{json.dumps(weight_map[bad])[:40]}, not a shard file name")
-        for file in sorted(set(weight_map.values())):
-            if not (self.directory / file).is_file():
+        for file in sorted(set(weight_map.values())):  # plain names inside the directory: a patched copy writes OUT/<name>
+            path = member_path(self.directory, file, f"{self.role} checkpoint: {index_path.name}")
+            if not os.path.lexists(path):
                 raise RealignError(f"{self.role} checkpoint: shard '{file}' listed in {index_path.name} is missing")
+            require_file(path, f"{self.role} checkpoint: shard")
         return dict(weight_map)
 
     def _from_files(self, files: list[str]) -> dict[str, str]:
@@ -155,7 +159,7 @@ class Checkpoint:
 
     def _header(self, file: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """key -> (shape, dtype name as safetensors spells it)."""
-        path = self.directory / file
+        path = require_file(self.directory / file, f"{self.role} checkpoint file")
         try:
             with safe_open(path, framework="pt") as handle:
                 return {k: (tuple(s.get_shape()), s.get_dtype()) for k in handle.keys() for s in [handle.get_slice(k)]}
@@ -199,7 +203,7 @@ class Checkpoint:
     @functools.lru_cache(maxsize=None)
     def _raw_header(self, file: str) -> tuple[int, dict]:
         """(offset of the data section, header JSON) of a safetensors file."""
-        path = self.directory / file
+        path = require_file(self.directory / file, f"{self.role} checkpoint file")
         try:
             with open(path, "rb") as handle:
                 length = int.from_bytes(handle.read(8), "little")
@@ -214,7 +218,7 @@ class Checkpoint:
 
     def _bin_shard(self, file: str) -> dict[str, torch.Tensor]:
         if self._bin_cache is None or self._bin_cache[0] != file:
-            path = self.directory / file
+            path = require_file(self.directory / file, f"{self.role} checkpoint file")
             state = load_state_dict(path, f"{self.role} checkpoint", mmap=True)
             self._bin_cache = (file, state)
         return self._bin_cache[1]

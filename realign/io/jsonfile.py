@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from ..errors import RealignError
+from .files import require_file
 
 _CONSTANTS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -55,6 +56,7 @@ def parse_json(text: str | bytes, where: str):
 
 def load_json(path: Path, what: str):
     """The JSON value of a file; one clear error if it cannot be read or parsed."""
+    require_file(path, what)  # a FIFO would block the read; a directory or symlink loop said as such
     try:
         text = Path(path).read_bytes()
     except OSError as exc:

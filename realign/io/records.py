@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from ..errors import RealignError
+from .files import require_file
 from .jsonfile import parse_json
 
 # fields that hold a prompt or an answer, in order of preference (the usual names of public datasets)
@@ -27,6 +28,7 @@ def split_limit(spec: str) -> tuple[str, int | None]:
 
 
 def read_text(path: Path, what: str = "prompt file") -> str:
+    require_file(path, what)  # a FIFO would block the read forever
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

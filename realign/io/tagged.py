@@ -10,6 +10,7 @@ import torch
 
 from ..errors import RealignError
 from .jsonfile import parse_json
+from .files import require_file
 
 
 def read_tagged_safetensors(path, what: str, tag: str, version_key: str, version: str, writer: str):
@@ -18,9 +19,7 @@ def read_tagged_safetensors(path, what: str, tag: str, version_key: str, version
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RealignError(f"{what} '{path}' does not exist")
+    path = require_file(path, what)  # missing, a directory, a FIFO, a loop: each said as what it is
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}

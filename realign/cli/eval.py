@@ -47,7 +47,7 @@ def eval_command(
         raise realign.RealignError("--fail-below must be a rate between 0 and 1")
     if fail_below is not None and not harmful:
         raise realign.RealignError("--fail-below gates the harmful refusal rate: give at least one --harmful source")
-    check_report_path(report_path, [model, adapter])
+    check_report_path(report_path, [model, adapter], [responses])
     ui = Output(quiet, as_json)
     with ui.progress("generating") as progress:
         result = realign.evaluate(

@@ -1,5 +1,7 @@
 """The commands of methods registered with `auto_cli` (scale, resta, safemerge), built from their
-entry function's signature: an option per input, --out, an option per keyword-only setting with
+entry function's signature: an option per input (optional where the function defaults it to None,
+as --adapter where a keyword-only input such as --finetuned may stand instead), --out, an option
+per keyword-only setting with
 the function's own default (required where it has none), and the shared --dry-run, --force,
 --device, --report, --json and --quiet where the function takes them. A new method of that kind
 shows up here without a line of CLI code."""
@@ -46,11 +48,15 @@ def build(method: Method) -> Callable[..., None]:
     """The typer callback of `method`'s command."""
     entry = method.run
     hints = typing.get_type_hints(entry)
-    settings = {n: p for n, p in inspect.signature(entry).parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _RUN_FLAGS}
-    takes = set(inspect.signature(entry).parameters)
-    params = [_shared(i, str, typer.Option(opt.REQUIRED, _flag(i), help=INPUTS[i][0].upper() + INPUTS[i][1:] + "."))
-              for i in method.inputs]
+    signature = inspect.signature(entry).parameters
+    settings = {n: p for n, p in signature.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _RUN_FLAGS and n not in INPUTS}
+    alternatives = [n for n, p in signature.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n in INPUTS]
+    takes = set(signature)
+    params = [_shared(i, Optional[str] if signature[i].default is None else str,
+                      typer.Option(None if signature[i].default is None else opt.REQUIRED, _flag(i),
+                                   help=INPUTS[i][0].upper() + INPUTS[i][1:] + "."))
+              for i in [*method.inputs, *alternatives]]
     params.append(_shared("out", Optional[Path], opt.out("Directory to write (an adapter, or a checkpoint).", None)))
     params += [_setting(n, p, hints.get(n, str), method.help.get(n)) for n, p in settings.items()]
     if "device" in takes:
@@ -61,13 +67,14 @@ def build(method: Method) -> Callable[..., None]:
 
     def command(**given: Any) -> None:
         inputs = [given.pop(i) for i in method.inputs]
+        by_name = {i: given.pop(i) for i in alternatives}
         out, report_path = given.pop("out"), given.pop("report_path")
         as_json, quiet = given.pop("as_json"), given.pop("quiet")
-        check_report_path(report_path, inputs)
+        check_report_path(report_path, [*inputs, *by_name.values()], [out])
         ui = Output(quiet, as_json)
         with ui.progress(method.name) as progress:
             kwargs = {"progress": progress} if "progress" in takes else {}
-            result = entry(*inputs, out, **given, **kwargs)
+            result = entry(*inputs, out, **by_name, **given, **kwargs)
         write_report(report_path, result)
         ui.notes(result)
         show(ui, result, method.title + (" (dry run)" if given.get("dry_run") else ""))

@@ -56,7 +56,7 @@ def nlsr(
                                         ("--safety-data", safety_data)) if value is None]
     if missing:
         raise realign.RealignError(f"missing option {missing[0]} (see realign nlsr --help)")
-    check_report_path(report_path, [base, aligned_adapter, adapter])
+    check_report_path(report_path, [base, aligned_adapter, adapter], [out])
     ui = Output(quiet, as_json)
     with ui.progress("calibration") as progress:
         result = realign.nlsr(
@@ -103,7 +103,7 @@ def nlsr_regions(
     quiet: bool = opt.quiet(),
 ) -> None:
     """Find the safety region of every factor of the reference adapter; write the masks."""
-    check_report_path(report_path, [base, reference])
+    check_report_path(report_path, [base, reference], [out])
     ui = Output(quiet, as_json)
     with ui.progress("calibration") as progress:
         result = realign.nlsr_regions(base, reference, safety_data, out, sparsity=sparsity, mode=regions, max_response_tokens=max_response_tokens,
@@ -135,7 +135,7 @@ def nlsr_patch(
     quiet: bool = opt.quiet(),
 ) -> None:
     """Transplant the masked reference entries into the selected modules of the fine-tuned adapter."""
-    check_report_path(report_path, [reference, str(masks), adapter])
+    check_report_path(report_path, [reference, str(masks), adapter], [out])
     result = realign.nlsr_patch(reference, masks, adapter, out, selection=selection, prune_rate=prune_rate, epsilon=epsilon, tau=tau,
                                 direction=direction, seed=seed, sparsity=sparsity, dry_run=dry_run, force=force)
     write_report(report_path, result)

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from realign.errors import RealignError
 from realign.report import format_similarity
 
 if TYPE_CHECKING:
@@ -130,16 +131,20 @@ def adapter_and_output(report: Report) -> list[str]:
 # -- --report ----------------------------------------------------------------------------------
 
 
-def check_report_path(report_path: Optional[Path], inputs: list[Optional[str]]) -> None:
-    """Refuse a --report path inside an input, before any work (an existing report is replaced)."""
-    from realign.io.output import check_target
+def check_report_path(report_path: Optional[Path], inputs: list[Optional[str]], outputs: list[Optional[Path]] = ()) -> None:
+    """Refuse, before any work, a --report path inside an input, equal to, inside or holding an
+    output, a directory, or one that cannot be written (an existing report file is replaced)."""
+    from realign.io.output import check_target, overlaps
 
     if report_path is not None:
-        check_target(report_path, True, [Path(p) for p in inputs if p], what="report")
+        for out in outputs:
+            if out is not None and overlaps(Path(report_path), Path(out)):
+                raise RealignError(f"--report '{report_path}' overlaps the output '{out}'; give the report a path of its own")
+        check_target(report_path, True, [Path(p) for p in inputs if p], what="report", kind="file")
 
 
 def write_report(report_path: Optional[Path], report: Report) -> None:
     from realign.io.output import write_text_atomic
 
     if report_path is not None:
-        write_text_atomic(report_path, report.to_json())
+        write_text_atomic(report_path, report.to_json(), what="report")

@@ -46,7 +46,7 @@ def repair(
     quiet: bool = opt.quiet(),
 ) -> None:
     """Choose a repair to a refusal target on calibration data and write it (exit 1 when none meets it)."""
-    check_report_path(report_path, [base, aligned, adapter])
+    check_report_path(report_path, [base, aligned, adapter], [out])
     ui = Output(quiet, as_json)
     log = None if quiet or as_json else (lambda message: ui.err.print(f"repair: {message}", markup=False))
     result = realign.repair(base, aligned, adapter, out, target_refusal=target_refusal, harmful_cal=harmful_cal, benign_cal=benign_cal,

@@ -52,7 +52,7 @@ def safelora(
         raise realign.RealignError("give exactly one of --adapter (a PEFT LoRA adapter) and --finetuned (a full fine-tuned checkpoint)")
     if adapter is not None and (as_adapter or adapter_rank is not None):
         raise realign.RealignError("--as-adapter and --adapter-rank apply to --finetuned checkpoints (an adapter stays an adapter)")
-    check_report_path(report_path, [base, aligned, adapter or finetuned])
+    check_report_path(report_path, [base, aligned, adapter or finetuned], [out])
     ui = Output(quiet, as_json)
     common = dict(threshold=threshold, top_k=top_k, projection=projection.value, rank=rank, device=device, dry_run=dry_run, force=force)
     with ui.progress("scoring modules") as progress:

@@ -76,7 +76,7 @@ def evaluate(
     if task is not None:
         sets.append(("task", load_prompts(task, with_answers=True)))
     if responses is not None:
-        check_target(Path(responses), True, [Path(model)] + ([Path(adapter)] if adapter else []), what="responses file")
+        check_target(Path(responses), True, [Path(model)] + ([Path(adapter)] if adapter else []), what="responses file", kind="file")
     if loaded is None:
         loaded = load(model, adapter, judge=judge, device=device)
     lm, tokenizer, judge_model, dev = loaded.lm, loaded.tokenizer, loaded.judge, loaded.device
@@ -141,6 +141,6 @@ def evaluate(
         notes=notes,
     )
     if responses is not None:
-        write_text_atomic(Path(responses), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_text_atomic(Path(responses), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), what="responses file")
         report.output = str(responses)
     return report

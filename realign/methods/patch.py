@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ..errors import require_output
 from ..linalg import LowRank, Matrix
-from ..io.output import atomic_directory, check_target
+from ..io.output import Checked, atomic_directory, check_target
 from ..progress import Progress
 from ..report import REPORT_FILE, Report, stage_timings
 
@@ -47,12 +47,13 @@ class Patch:
 
 
 def write_output(out: Path, force: bool, inputs: list[Path], report: Report, fill: Callable[[Path], None],
-                 timings: Callable[[], dict[str, float]], report_name: str = REPORT_FILE) -> None:
+                 timings: Callable[[], dict[str, float]], report_name: str = REPORT_FILE, checked: Checked | None = None) -> None:
     """Fill a staging directory with `fill`, put the report (with `timings()` taken last) beside
     it, and rename it to `out`: a failure anywhere leaves nothing at `out`. Every command that
-    writes a directory ends here."""
+    writes a directory ends here. `checked`: OUT as `check_target` found it before the work; the
+    rename replaces only that (nothing, if nothing was there), never what appeared meanwhile."""
     report.output = str(out)
-    with atomic_directory(out, force, inputs) as staging:
+    with atomic_directory(out, force, inputs, checked) as staging:
         fill(staging)
         report.timings = {**report.timings, **timings()}
         (staging / report_name).write_text(report.to_json())
@@ -91,8 +92,7 @@ def run(plan: Callable[[], Patch], out: str | Path | None, *, dry_run: bool = Fa
     started = time.perf_counter()
     require_output(out, dry_run)
     patch = plan()
-    if not dry_run:
-        check_target(Path(out), force, patch.inputs())
+    checked = None if dry_run else check_target(Path(out), force, patch.inputs())
     planned = time.perf_counter()
     results = patch.score(progress)
     selected = patch.select(results)
@@ -100,6 +100,6 @@ def run(plan: Callable[[], Patch], out: str | Path | None, *, dry_run: bool = Fa
     report = patch.report(results, selected)
     if not dry_run:
         write_output(Path(out), force, patch.inputs(), report, lambda staging: patch.write(staging, results, selected, report),
-                     lambda: stage_timings(started, planned, computed))
+                     lambda: stage_timings(started, planned, computed), checked=checked)
     report.timings = {**report.timings, **stage_timings(started, planned, computed)}
     return report

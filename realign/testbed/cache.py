@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..io.identity import digest
+from ..io.output import made_directories
 
 
 def default_cache_dir() -> Path:
@@ -25,8 +26,7 @@ class StageCache:
     def __init__(self, root: Path, log: Callable[[str], None]):
         self.root, self.log = root, log
         self.timings: dict[str, float] = {}
-        self.built: list[str] = []
-        root.mkdir(parents=True, exist_ok=True)
+        self.built: list[str] = []  # the root is made by the first stage built (a failed build leaves none)
 
     def stage(self, name: str, key: dict, build: Callable[[Path], None]) -> Path:
         target = self.root / f"{name}-{digest(key)}"
@@ -36,17 +36,18 @@ class StageCache:
             return target
         self.log(f"{name}: building ...")
         started = time.perf_counter()
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=self.root))
-        try:
-            build(staging)
-            seconds = round(time.perf_counter() - started, 1)
-            (staging / "stage.json").write_text(json.dumps({"stage": name, "key": key, "seconds": seconds}, indent=2, default=str))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with made_directories(self.root):
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=self.root))
+            try:
+                build(staging)
+                seconds = round(time.perf_counter() - started, 1)
+                (staging / "stage.json").write_text(json.dumps({"stage": name, "key": key, "seconds": seconds}, indent=2, default=str))
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staging, target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         self.timings[name] = seconds
         self.built.append(name)
         self.log(f"{name}: built in {self.timings[name]:.0f}s ({target})")

@@ -31,7 +31,7 @@ def amplify(aligned_adapter: str, out: str | Path, *, factor: float = DEFAULT_AM
     aligned = Adapter.load(aligned_adapter, "aligned adapter")
     check_patchable(aligned, "aligned adapter")
     out = Path(out)
-    check_target(out, force, [aligned.directory])
+    checked = check_target(out, force, [aligned.directory])
     replaced = amplified_tensors(aligned, factor)
     metadata = dict(aligned.metadata or {"format": "pt"})
     metadata.update({"realign_nlsr_amplify": repr(factor), "realign_version": __version__})
@@ -43,5 +43,5 @@ def amplify(aligned_adapter: str, out: str | Path, *, factor: float = DEFAULT_AM
         output=str(out),
     )
     write_output(out, force, [aligned.directory], report, lambda staging: write_patched(aligned, staging, replaced, metadata),
-                 total_time(started))
+                 total_time(started), checked=checked)
     return report

@@ -246,7 +246,7 @@ def regions_at(
     base_dir = resolve_local(base, "base")
     inputs = [base_dir, ref.directory, data_path(safety_data)]
     for out in outs.values():
-        check_target(Path(out), force, inputs)
+        check_target(Path(out), force, inputs, kind="file")
     any_settings = next(iter(all_settings.values()))
     found_all = compute_regions_at(base, ref.directory, ref, ref.tensors, safety_data, any_settings, list(outs), dev, progress)
     reference_digest = factors_digest(ref.tensors, ref.modules)

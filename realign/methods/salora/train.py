@@ -101,14 +101,14 @@ def train(
     optimizer_state = torch_load(run / OPTIMIZER_FILE, "SaLoRA optimizer state", map_location=dev) if start else None
     if start and not isinstance(optimizer_state, dict):
         raise RealignError(f"SaLoRA optimizer state '{run / OPTIMIZER_FILE}' is not an optimizer state dict; use --restart")
-    run.mkdir(parents=True, exist_ok=True)
-    if state is None:
+    if state is None:  # RUN_DIR itself appears with the first checkpoint: a run that fails before leaves nothing
         for name in (FACTORS_FILE, OPTIMIZER_FILE, RUN_STATE, REPORT_FILE):
             (run / name).unlink(missing_ok=True)
 
     def checkpoint(step: int, optimizer) -> None:
         # factors first, state last: a crash in between leaves the previous state pointing at
         # factors that are at most one checkpoint newer, which the next resume would redo
+        run.mkdir(parents=True, exist_ok=True)
 
         save_file(factors_of(layers), run / (FACTORS_FILE + ".tmp"), metadata={"format": "pt"})
         torch.save(optimizer.state_dict(), run / (OPTIMIZER_FILE + ".tmp"))
@@ -133,6 +133,7 @@ def train(
                              "last_loss": losses[-1] if losses else None, "modules": len(layers)},
                     output=str(run))
     report.timings = {"total_s": round(time.perf_counter() - started, 4)}
+    run.mkdir(parents=True, exist_ok=True)
     (run / REPORT_FILE).write_text(report.to_json())
     return report
 

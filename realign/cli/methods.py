@@ -1,10 +1,9 @@
 """The commands of methods registered with `auto_cli` (scale, resta, safemerge), built from their
 entry function's signature: an option per input (optional where the function defaults it to None,
-as --adapter where a keyword-only input such as --finetuned may stand instead), --out, an option
-per keyword-only setting with
-the function's own default (required where it has none), and the shared --dry-run, --force,
---device, --report, --json and --quiet where the function takes them. A new method of that kind
-shows up here without a line of CLI code."""
+as --adapter where a keyword-only input such as --finetuned may stand in for it), --out, an option
+per keyword-only setting with the function's own default (required where it has none), and the
+shared --dry-run, --force, --device, --report, --json and --quiet where the function takes them. A
+new method of that kind shows up here without a line of CLI code."""
 
 from __future__ import annotations
 
@@ -55,7 +54,7 @@ def build(method: Method) -> Callable[..., None]:
     takes = set(signature)
     params = [_shared(i, Optional[str] if signature[i].default is None else str,
                       typer.Option(None if signature[i].default is None else opt.REQUIRED, _flag(i),
-                                   help=INPUTS[i][0].upper() + INPUTS[i][1:] + "."))
+                                   help=method.help.get(i, INPUTS[i][0].upper() + INPUTS[i][1:] + ".")))
               for i in [*method.inputs, *alternatives]]
     params.append(_shared("out", Optional[Path], opt.out("Directory to write (an adapter, or a checkpoint).", None)))
     params += [_setting(n, p, hints.get(n, str), method.help.get(n)) for n, p in settings.items()]

@@ -81,7 +81,7 @@ class WeightResolver:
         tied = self._tied_embedding(path)
         if tied is not None:
             return tied
-        raise RealignError(f"adapter module '{path}' has no weight in the {self.role} checkpoint")
+        raise RealignError(f"module '{path}' has no weight in the {self.role} checkpoint")
 
     def _tied_embedding(self, path: str) -> str | None:
         # A checkpoint stores no lm_head weight exactly when the head is tied to the embeddings.

@@ -7,6 +7,11 @@ B' = [w1 s1 B1, w2 s2 B2], A' = [A1; A2], with per-module rank and alpha pattern
 1. No SVD, no approximation, and peft loads it as it is. A dense term (S from two full
 checkpoints, or after DARE) makes T' dense: then the output is a patched copy of the aligned
 checkpoint, or (`as_adapter`) a rank-R truncated SVD of T' with its measured error.
+
+The fine-tuned side is a LoRA adapter (`AdapterSide`: T = s B A, kept low-rank) or a full
+fine-tuned checkpoint (merging_full.FullSide: T = W_finetuned - W_aligned, dense). A dense side
+never holds the model in memory: the scoring pass keeps each module's report row only, and the
+writing pass builds T' again one module at a time.
 """
 
 from __future__ import annotations
@@ -14,18 +19,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
 from ..errors import RealignError
-from ..io.adapter import Adapter, LoraModule
+from ..io.adapter import Adapter
 from ..io.checkpoint import Checkpoint
 from ..io.adapter_writer import lora_config, write_lora
 from ..io.shards import copy_checkpoint, layout, write_over
 from ..linalg import LowRank, Matrix, truncated_factors
 from ..report import Report
-from .alignment import Alignment
+from .alignment import Alignment, StoredWeight
 from .patch import Patch, module_delta
+from .safelora.math import score_module
 
 
 @dataclass
@@ -85,8 +92,10 @@ def write_adapter(staging: Path, combos: list[Combination], base_model: str, fan
     write_lora(staging, config, factors)
 
 
-def write_svd_adapter(staging: Path, combos: list[Combination], rank: int, base_model: str, fan_in_fan_out: bool) -> dict[str, float | None]:
-    """A rank-`rank` LoRA of each (dense) T'; returns each module's measured relative error."""
+def write_svd_adapter(staging: Path, combos: Iterable[Combination], rank: int, base_model: str,
+                      fan_in_fan_out: bool) -> dict[str, float | None]:
+    """A rank-`rank` LoRA of each (dense) T', one module at a time; returns each module's measured
+    relative error."""
     factors, errors = {}, {}
     for combo in combos:
         if rank > min(combo.shape):
@@ -101,87 +110,142 @@ def write_svd_adapter(staging: Path, combos: list[Combination], rank: int, base_
     return errors
 
 
-def write_checkpoint(staging: Path, alignment: Alignment, combos: list[Combination]) -> dict:
-    """A copy of the aligned checkpoint with W_aligned + T' written over each module's weight."""
-    aligned = alignment.aligned
-    if aligned is None or not aligned.is_safetensors:
-        raise RealignError("a merged checkpoint is written from an aligned safetensors checkpoint; with an aligned adapter "
-                           "or .bin files, use --as-adapter --adapter-rank R")
-    copy_checkpoint(aligned, staging)
+def write_checkpoint(staging: Path, alignment: Alignment, target: Checkpoint, stored: Callable[[str], StoredWeight],
+                     combos: Iterable[Combination]) -> dict:
+    """A copy of `target` (ALIGNED, or the full fine-tuned checkpoint) with W_aligned + T' written
+    over each module's weight, one module at a time; every other byte as it was."""
+    copy_checkpoint(target, staging)
     keys = []
     for combo in combos:
-        weight = alignment.aligned_key(combo.name)
+        weight = stored(combo.name)
         merged = alignment.aligned_weight(combo.name, torch.device("cpu")).add_(combo.matrix())
-        write_over(aligned, staging, weight.key, merged.T if weight.transposed else merged)
+        write_over(target, staging, weight.key, merged.T if weight.transposed else merged)
         keys.append(weight.key)
-    return layout(aligned, keys)
+    return layout(target, keys)
 
 
-class MergePatch(Patch):
-    """A weight-space merge on a fine-tuned adapter: loads the adapter, base and aligned (every
-    adapted module planned by name), builds each module's T' with `combine`, and writes the exact
-    LoRA, a truncated-SVD adapter or a patched aligned checkpoint. Subclasses set `command` and
-    `settings` (for the report) and implement `combine`."""
+@dataclass(frozen=True)
+class MergeModule:
+    """One module a merge covers: its name, [out, in] shape, the rank of T (None: dense) and how
+    the model stores its weight (None: unknown, the adapter's fan_in_fan_out decides)."""
 
-    command = "merge"
+    name: str
+    shape: tuple[int, int]
+    rank: int | None = None
+    transposed: bool | None = None
 
-    def __init__(self, base: str, aligned: str, adapter: str, as_adapter: bool, adapter_rank: int | None):
-        self.names = {"base": str(base), "aligned": str(aligned), "adapter": str(adapter)}
-        self.as_adapter, self.adapter_rank = as_adapter, adapter_rank
+
+class AdapterSide:
+    """The fine-tuned side as a PEFT LoRA adapter on ALIGNED: T = s B A on every adapted module."""
+
+    kind = "adapter"
+    dense = False  # T is low-rank: T' is kept per module between scoring and writing
+    unwritable = ("this merge is dense (a checkpoint S, DARE or a checkpoint safety vector), and a merged checkpoint is "
+                  "written from an aligned safetensors checkpoint only; use --as-adapter --adapter-rank R")
+
+    def __init__(self, base: str, aligned: str, adapter: str):
         self.adapter = Adapter.load(adapter, "adapter")
         self.adapter.ensure_finite()
         refuse_passthrough(self.adapter, "weight-space merges write LoRA modules only")
         base_ckpt = Checkpoint.open(base, "base")
         base_ckpt.validate()
         self.alignment = Alignment(base_ckpt, aligned)
-        for module in self.adapter.modules:
-            self.alignment.plan(module.name, (module.d_out, module.d_in), fan_in_fan_out=self.adapter.fan_in_fan_out)
+        self.fan_in_fan_out = self.adapter.fan_in_fan_out
+        self.modules = [MergeModule(m.name, (m.d_out, m.d_in), m.rank) for m in self.adapter.modules]
+        for module in self.modules:
+            self.alignment.plan(module.name, module.shape, fan_in_fan_out=self.fan_in_fan_out)
+        self.names = {"base": str(base), "aligned": str(aligned), "adapter": str(adapter)}
+        self.directories = [*self.alignment.directories, self.adapter.directory]
+        self.passthrough = self.adapter.passthrough
+        self.target = self.alignment.aligned  # what a dense merge is written over
+        self.stored = self.alignment.aligned_key
+
+    def task(self, module: MergeModule) -> LowRank:
+        return module_delta(self.adapter, self.adapter.module(module.name))
+
+    def similarity(self, module: MergeModule) -> tuple[float | None, str | None]:
+        """Safe LoRA's cos(T, C T) against V = W_aligned - W_base (None where undefined, and why)."""
+        lora = self.adapter.module(module.name)
+        a, b = self.adapter.tensors[lora.key_a], self.adapter.tensors[lora.key_b]
+        projected, norm = self.alignment.approx(module.name, b, torch.device("cpu"))
+        score = score_module(module.name, a, b, projected, norm)
+        return score.similarity, score.skip_reason
+
+
+class MergePatch(Patch):
+    """A weight-space merge on a fine-tuned adapter or full checkpoint (`side`, every covered
+    module planned by name), building each module's T' with `combine` and writing the exact LoRA,
+    a truncated-SVD adapter or a patched checkpoint (a copy of ALIGNED for an adapter, of the
+    fine-tuned checkpoint for a full fine-tune). Subclasses set `command` and `settings` (for the
+    report) and implement `combine`."""
+
+    command = "merge"
+
+    def __init__(self, side, as_adapter: bool, adapter_rank: int | None):
+        self.side, self.alignment = side, side.alignment
+        self.names = dict(side.names)
+        self.as_adapter, self.adapter_rank = as_adapter, adapter_rank
         self.settings: dict = {}
         self.notes: list[str] = []
         self.extra_inputs: list[Path] = []
+        if side.dense:
+            self.notes.append("T = W_finetuned - W_aligned in float32 on every linear layer of the numbered blocks (Safe LoRA's "
+                              "all-linear targets); a merged checkpoint is a copy of the fine-tuned one, every other tensor "
+                              "as it is there")
 
     def inputs(self) -> list[Path]:
-        return [*self.alignment.directories, self.adapter.directory, *self.extra_inputs]
+        return [*self.side.directories, *self.extra_inputs]
 
     def may_be_dense(self) -> bool:
         """Whether a term can be dense (then T' is written as a checkpoint or an SVD adapter)."""
-        return self.alignment.kind == "checkpoint"
+        return self.side.dense or self.alignment.kind == "checkpoint"
 
     def check_writable(self) -> None:
-        """A dense T' is written over a copy of the aligned checkpoint: refuse now, before any work,
-        what could not be written at the end."""
-        aligned = self.alignment.aligned
-        if self.may_be_dense() and not self.as_adapter and (aligned is None or not aligned.is_safetensors):
-            raise RealignError("this merge is dense (a checkpoint S, DARE or a checkpoint safety vector), and a merged checkpoint is "
-                               "written from an aligned safetensors checkpoint only; use --as-adapter --adapter-rank R")
+        """A dense T' is written over a copy of a safetensors checkpoint: refuse now, before any
+        work, what could not be written at the end."""
+        target = self.side.target
+        if self.may_be_dense() and not self.as_adapter and (target is None or not target.is_safetensors):
+            raise RealignError(self.side.unwritable)
 
-    def safety(self, module: LoraModule) -> Matrix | None:
+    def safety(self, module: MergeModule) -> Matrix | None:
         """S of one module: V = W_aligned - W_base (None where an aligned adapter leaves it alone)."""
         return self.alignment.matrix(module.name, torch.device("cpu"))
 
-    def combine(self, module: LoraModule, task: LowRank, safety: Matrix | None) -> tuple[Combination, dict]:
+    def combine(self, module: MergeModule, task: Matrix, safety: Matrix | None) -> tuple[Combination, dict]:
         raise NotImplementedError
 
-    def score(self, progress) -> list[tuple[Combination, dict]]:
+    def merge(self, module: MergeModule) -> tuple[Combination, dict]:
+        """T' of one module and its report row."""
+        task, safety = self.side.task(module), self.safety(module)
+        combo, extra = self.combine(module, task, safety)
+        return combo, {"name": module.name, "shape": list(module.shape), "task_rank": module.rank,
+                       "safety": None if safety is None else ("lora" if isinstance(safety, LowRank) else "dense"),
+                       **extra, "merged_rank": combo.rank if combo.low_rank else None}
+
+    def score(self, progress) -> list[tuple[Combination | None, dict]]:
+        """(T', row) per module; T' is None on a dense side (built again when written)."""
         results = []
-        for i, module in enumerate(self.adapter.modules):
-            task, safety = module_delta(self.adapter, module), self.safety(module)
-            combo, extra = self.combine(module, task, safety)
-            results.append((combo, {"name": module.name, "shape": [module.d_out, module.d_in], "task_rank": module.rank,
-                                    "safety": None if safety is None else ("lora" if isinstance(safety, LowRank) else "dense"),
-                                    **extra, "merged_rank": combo.rank if combo.low_rank else None}))
+        for i, module in enumerate(self.side.modules):
+            combo, row = self.merge(module)
+            results.append((None if self.side.dense else combo, row))
             if progress:
-                progress(i + 1, len(self.adapter.modules))
-        if self.as_adapter and all(combo.low_rank for combo, _ in results):
+                progress(i + 1, len(self.side.modules))
+        if self.as_adapter and not self.side.dense and all(combo.low_rank for combo, _ in results):
             self.notes.append("every term is low-rank, so the merge is written as its exact LoRA: --as-adapter and --adapter-rank "
                               "were not needed")
         return results
 
+    def combos(self, results, names: set[str] | None = None) -> Iterable[Combination]:
+        """Each module's T' (those in `names`, if given), from `results` or built again."""
+        for module, (combo, _) in zip(self.side.modules, results):
+            if names is None or module.name in names:
+                yield combo if combo is not None else self.merge(module)[0]
+
     def select(self, results) -> set[str]:
-        return {row["name"] for combo, row in results if combo.terms or combo.dense is not None}
+        return {row["name"] for combo, row in results if combo is None or combo.terms or combo.dense is not None}
 
     def output_kind(self, results) -> str:
-        if all(combo.low_rank for combo, _ in results):
+        if not self.side.dense and all(combo.low_rank for combo, _ in results):
             return "adapter"
         return "svd-adapter" if self.as_adapter else "checkpoint"
 
@@ -189,10 +253,12 @@ class MergePatch(Patch):
         kind = self.output_kind(results)
         return Report(command=self.command, inputs={**self.names, "aligned_kind": self.alignment.kind}, settings=self.settings,
                       modules=[row for _, row in results],
-                      passthrough=[{"tensor": k, "reason": r} for k, r in self.adapter.passthrough.items()],
+                      passthrough=[{"tensor": k, "reason": r} for k, r in self.side.passthrough.items()],
                       summary={"modules": len(results), "merged": len(selected), "output_kind": kind}, notes=list(self.notes))
 
     def deltas(self, results, selected: set[str]) -> dict[str, Matrix]:
+        if self.side.dense:
+            return super().deltas(results, selected)
         deltas = {}
         for combo, _ in results:
             if combo.low_rank and combo.terms:
@@ -203,19 +269,25 @@ class MergePatch(Patch):
         return deltas
 
     def write(self, staging: Path, results, selected: set[str], report: Report) -> None:
-        combos = [combo for combo, _ in results]
         kind, base_model = report.summary["output_kind"], self.names["aligned"]
         if kind == "adapter":
-            write_adapter(staging, combos, base_model, self.adapter.fan_in_fan_out)
+            write_adapter(staging, [combo for combo, _ in results], base_model, self.side.fan_in_fan_out)
         elif kind == "svd-adapter":
-            errors = write_svd_adapter(staging, combos, self.adapter_rank, base_model, self.adapter.fan_in_fan_out)
+            errors = write_svd_adapter(staging, self.combos(results), self.adapter_rank, base_model, self.side.fan_in_fan_out)
             for row in report.modules:
                 row["reconstruction_error"] = errors[row["name"]]
             measured = [e for e in errors.values() if e is not None]
             report.summary.update(adapter_rank=self.adapter_rank, max_reconstruction_error=max(measured),
                                   mean_reconstruction_error=sum(measured) / len(measured))
+            if self.side.dense:
+                report.notes.append("the adapter carries the merged linear layers only: loaded on ALIGNED, every other tensor the "
+                                    "fine-tune changed (embeddings, norms, biases) is ALIGNED's")
         else:
-            report.summary.update(write_checkpoint(staging, self.alignment, combos))
+            # over a copy of the fine-tuned checkpoint a module left out keeps W_finetuned (T' = T);
+            # over a copy of ALIGNED every module is written
+            names = selected if self.side.dense else None
+            report.summary.update(write_checkpoint(staging, self.alignment, self.side.target, self.side.stored,
+                                                   self.combos(results, names)))
 
 
 def check_output_options(as_adapter: bool, adapter_rank: int | None) -> None:

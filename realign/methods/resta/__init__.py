@@ -19,6 +19,8 @@ register(Method(
           "safety_vector": "The unaligned model (checkpoint, S = W_aligned - it), or an adapter on ALIGNED that un-aligns it "
                            "(S = minus its update) [default: S = W_aligned - W_base].",
           "dare": "DARE on S: drop each entry with this probability, rescale the rest.", "seed": "Seed of DARE's masks.",
-          "as_adapter": "When S is dense: write a truncated-SVD adapter instead of a checkpoint.",
+          "adapter": "The fine-tuned PEFT LoRA adapter on ALIGNED (or --finetuned).",
+          "finetuned": "Or: a full fine-tuned checkpoint of ALIGNED (T = W_finetuned - W_aligned on every linear layer).",
+          "as_adapter": "When the merge is dense (S dense, or --finetuned): write a truncated-SVD adapter instead of a checkpoint.",
           "adapter_rank": "Rank R of the --as-adapter LoRA."},
 ))

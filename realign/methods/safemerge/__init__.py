@@ -17,6 +17,8 @@ register(Method(
     auto_cli=True,
     help={"tau": "Merge the modules whose Safe LoRA similarity is below TAU.", "task_weight": "Weight of T in a merged module.",
           "safety_weight": "Weight of S in a merged module.",
-          "as_adapter": "When S is dense: write a truncated-SVD adapter instead of a checkpoint.",
+          "adapter": "The fine-tuned PEFT LoRA adapter on ALIGNED (or --finetuned).",
+          "finetuned": "Or: a full fine-tuned checkpoint of ALIGNED (T = W_finetuned - W_aligned on every linear layer).",
+          "as_adapter": "When the merge is dense (S dense, or --finetuned): write a truncated-SVD adapter instead of a checkpoint.",
           "adapter_rank": "Rank R of the --as-adapter LoRA."},
 ))

@@ -137,7 +137,7 @@ def test_demo_pipeline_on_a_tiny_testbed(tmp_path):
     assert [r["name"] for r in table["resta_sweep"] + table["safemerge_sweep"] + table["scale_sweep"]] == [
         "resta task weight 0.5, safety weight 1", "safemerge tau 0.5", "scale weight 0.5"]
     repaired = table["rows"][6]
-    assert repaired["setting"].startswith("target 0.9 ") and (Path(repaired["adapter"]) / "repair_report.json").exists()
+    assert repaired["setting"].startswith("target 0.95 ") and (Path(repaired["adapter"]) / "repair_report.json").exists()
     # the repair's choice was made on the dev splits; its row is evaluated on the test splits like the others
     assert set(repaired["metrics"]) >= {"advbench:test@4", "harmbench@3", "benign@3", "task"}
     assert table["attack"] == "harsh" and "coherence (advbench:test@4)" in markdown(table)

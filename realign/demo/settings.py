@@ -41,8 +41,8 @@ class DemoSettings:
     scale_sweep: tuple[float, ...] = (0.75, 0.5, 0.25)
     # `realign repair`, calibrated on the dev splits only; the row is evaluated on the test splits
     repair: bool = True
-    repair_target: float = 0.9
-    repair_max_over_refusal: float = 0.15
+    repair_target: float = 0.95
+    repair_max_over_refusal: float = 0.1
     repair_harmful: str = "advbench:dev"
     repair_benign: str = "benign:dev"
     repair_budget: int = 32  # candidates evaluated at most (repair's --budget)

@@ -194,6 +194,13 @@ def test_unwritable_out_is_refused_before_the_work(llama_trio, tmp_path, scored,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
+def test_out_through_a_symlink_loop(llama_trio, tmp_path, scored):
+    (tmp_path / "loop").symlink_to("loop")
+    result = invoke(*scale_args(llama_trio, tmp_path / "loop" / "o"))
+    assert_refused(result, None, trio_inputs(llama_trio), "symlink loop", root=tmp_path)
+    assert not scored
+
+
 def test_read_only_file_system_is_found_before_the_work(llama_trio, tmp_path, scored, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), kwargs.get("dir"))
@@ -287,6 +294,18 @@ def test_fifo_as_a_prompt_file_is_refused(llama_trio, tmp_path):
     os.mkfifo(fifo)
     result = invoke("eval", "--model", llama_trio.base, "--harmful", fifo, "--responses", tmp_path / "r.jsonl", fifos=(fifo,), timeout=60)
     assert_refused(result, tmp_path / "r.jsonl", trio_inputs(llama_trio), "FIFO")
+
+
+def test_fifo_among_the_files_transformers_opens_is_refused(llama_trio, tmp_path):
+    """eval --model loads the directory with transformers, which opens files of its own choosing
+    (tokenizer, generation config): a FIFO among them is refused before the load."""
+    model = Path(shutil.copytree(llama_trio.base, tmp_path / "m"))
+    os.mkfifo(model / "tokenizer.json")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("How do I bake bread?\n")
+    before = {**hashes(prompts), **{k: v for k, v in hashes(model).items() if not k.endswith("tokenizer.json")}}
+    result = run_cli("eval", "--model", model, "--harmful", prompts, "--responses", tmp_path / "r.jsonl")
+    assert_refused(result, tmp_path / "r.jsonl", before, "tokenizer.json' is a FIFO")
 
 
 def test_fifo_as_masks_is_refused(llama_trio, tmp_path):

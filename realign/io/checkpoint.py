@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import RealignError
 from .jsonfile import load_json_object
 from .torchfile import load_state_dict
-from .files import member_path, require_file
+from .files import member_path, require_file, require_regular_entries
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -42,15 +42,19 @@ def resolve_local(spec: str, role: str) -> Path:
     if path.exists():
         if not path.is_dir():
             raise RealignError(f"{role} '{spec}' is a file; expected a model directory")
+        require_regular_entries(path, role)  # transformers opens files of its own choosing: no FIFO among them
         return path
     if _REPO_ID.match(spec) and "/" in spec.split("@")[0]:
         repo_id, _, revision = spec.partition("@")
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+            snapshot = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
         except Exception:  # the hub raises many types for "not cached"; all mean the same here
-            pass
+            snapshot = None
+        if snapshot is not None:
+            require_regular_entries(snapshot, role)
+            return snapshot
         raise RealignError(
             f"{role} '{spec}' is neither a local directory nor a repo id in the local Hugging Face cache "
             "(realign never downloads)"

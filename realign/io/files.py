@@ -71,6 +71,23 @@ def _stat_reason(exc: OSError) -> str:
     return f"cannot be read: {os_reason(exc)}"
 
 
+def require_regular_entries(directory: Path, what: str) -> None:
+    """Every entry of a model or adapter directory that is not a directory is a regular file
+    (symlinks followed): transformers and tokenizers open files of their own choosing, and a FIFO
+    among them would block the load forever."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError as exc:
+        raise RealignError(f"{what} '{directory}' cannot be listed: {os_reason(exc)}") from None
+    for entry in entries:
+        try:
+            mode = os.stat(entry.path).st_mode
+        except OSError:  # a dangling link or a loop: said by require_file if it is ever read
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise RealignError(f"{what} '{directory}': '{entry.name}' is {_kind(mode)}; expected a regular file")
+
+
 def member_path(directory: Path, name: object, what: str) -> Path:
     """The path of a file that a directory's own index names (a shard of a sharded checkpoint): a plain file
     name in `directory`, never an absolute path, a path with a separator or `..`, so that

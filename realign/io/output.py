@@ -68,8 +68,10 @@ def check_target(target: Path, force: bool, inputs: list[Path], what: str = "out
             if _related(resolved, Path(source).expanduser().resolve()):
                 raise RealignError(f"{what} '{target}' overlaps the input '{source}'; inputs are never modified")
         identity = _identity(resolved)
-    except OSError as exc:  # a symlink loop, a permission problem on the way
+    except OSError as exc:  # a permission problem on the way
         raise RealignError(f"{what} '{target}': {os_reason(exc)}") from None
+    except RuntimeError:  # Path.resolve before Python 3.13
+        raise RealignError(f"{what} '{target}': a symlink loop on the way") from None
     if identity is not None and not force:
         raise RealignError(f"{what} '{target}' already exists (use --force to replace it)")
     if identity is not None and kind == "file" and resolved.is_dir():

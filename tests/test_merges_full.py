@@ -230,6 +230,8 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(llama_full, tmp_path):
     assert (tree_digest(root), tree_digest(shrunk), tree_digest(missing)) == before
     with pytest.raises(RealignError, match="give exactly one of"):
         realign.safemerge(*_args(root), str(adapter), out, finetuned=str(root / "finetuned"))
+    with pytest.raises(RealignError, match=r"--adapter-rank 20 exceeds the dimension min\(16, 32\)"):
+        realign.resta(*_args(root), out=out, finetuned=str(root / "finetuned"), as_adapter=True, adapter_rank=20, dry_run=True)
     # the command line's success path: a dry run, then a written checkpoint with its report
     ok = _cli("resta", *common[:4], "--finetuned", root / "finetuned", "--dry-run", "--json", "--safety-weight", "0.5")
     assert ok.exit_code == 0, ok.output

@@ -98,8 +98,7 @@ def write_svd_adapter(staging: Path, combos: Iterable[Combination], rank: int, b
     relative error."""
     factors, errors = {}, {}
     for combo in combos:
-        if rank > min(combo.shape):
-            raise RealignError(f"--adapter-rank {rank} exceeds the dimension min{combo.shape} of module '{combo.name}'")
+        check_adapter_rank(rank, combo.name, combo.shape)
         right, basis, error = truncated_factors(combo.matrix().unsqueeze(0), rank)
         errors[combo.name] = error[0]
         if error[0] is not None:
@@ -108,6 +107,11 @@ def write_svd_adapter(staging: Path, combos: Iterable[Combination], rank: int, b
         raise RealignError("every module's merged update is zero: there is no adapter to write")
     write_lora(staging, lora_config(list(factors), rank, rank, base_model=base_model, fan_in_fan_out=fan_in_fan_out), factors)
     return errors
+
+
+def check_adapter_rank(rank: int, name: str, shape: tuple[int, int]) -> None:
+    if rank > min(shape):
+        raise RealignError(f"--adapter-rank {rank} exceeds the dimension min{tuple(shape)} of module '{name}'")
 
 
 def write_checkpoint(staging: Path, alignment: Alignment, target: Checkpoint, stored: Callable[[str], StoredWeight],
@@ -206,6 +210,9 @@ class MergePatch(Patch):
         target = self.side.target
         if self.may_be_dense() and not self.as_adapter and (target is None or not target.is_safetensors):
             raise RealignError(self.side.unwritable)
+        if self.side.dense and self.as_adapter:  # surely an SVD adapter: its rank is checked before the work
+            for module in self.side.modules:
+                check_adapter_rank(self.adapter_rank, module.name, module.shape)
 
     def safety(self, module: MergeModule) -> Matrix | None:
         """S of one module: V = W_aligned - W_base (None where an aligned adapter leaves it alone)."""

@@ -353,7 +353,7 @@ def test_masks_path_that_is_a_directory(llama_trio, tmp_path):
 
 def test_permission_denied_is_called_so(llama_trio, tmp_path, monkeypatch):
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if str(path).endswith(".safetensors") else real_access(path, mode, **kw))
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: not str(path).endswith(".safetensors") and real_access(path, mode, **kw))
     line = assert_refused(invoke("audit", "--base", llama_trio.base, "--aligned", llama_trio.aligned, "--adapter", llama_trio.adapter),
                           None, trio_inputs(llama_trio), "permission denied", root=tmp_path)
     assert "truncated" not in line and "No such file" not in line

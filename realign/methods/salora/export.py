@@ -33,7 +33,7 @@ def export(init_dir: str | Path, run_dir: str | Path, out: str | Path, *, force:
     trained = read_stage_safetensors(run / FACTORS_FILE, "SaLoRA run factors")
     out = Path(out)
     inputs = [Path(init_dir), run]
-    check_target(out, force, inputs)
+    checked = check_target(out, force, inputs)
     rank, scaling = settings["rank"], settings["scaling"]
     folded, rows = {}, []
     for path in settings["modules"]:
@@ -53,7 +53,7 @@ def export(init_dir: str | Path, run_dir: str | Path, out: str | Path, *, force:
     report = Report(command="salora export", inputs={"init": str(init_dir), "run": str(run_dir)},
                     settings={"rank": 2 * rank, "lora_alpha": 2 * rank * scaling}, modules=rows,
                     summary={"modules": len(rows)}, output=str(out))
-    write_output(out, force, inputs, report, lambda staging: write_lora(staging, config, folded), total_time(started))
+    write_output(out, force, inputs, report, lambda staging: write_lora(staging, config, folded), total_time(started), checked=checked)
     return report
 
 

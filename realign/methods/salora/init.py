@@ -137,7 +137,7 @@ def init(
     out = Path(out)
     model, tokenizer, directory = load_causal_lm(aligned, dev, role="aligned")
     inputs = [directory, Path(module_file), data_path(task_data) if task_data is not None else Path(task_from)]
-    check_target(out, force, inputs)
+    checked = check_target(out, force, inputs)
     targets = find_targets(model, tuple(bases))
     if [t.path for t in targets] != sorted(bases, key=natural_key) or weights_digest(targets) != metadata["aligned_digest"]:
         raise RealignError("the safety module was computed from another model (its target weights differ from ALIGNED's)")
@@ -192,5 +192,5 @@ def init(
         (staging / MODULE_FILE).write_bytes(Path(module_file).expanduser().read_bytes())
         (staging / INIT_FILE).write_text(json.dumps(settings, indent=2))
 
-    write_output(out, force, inputs, report, fill, total_time(started))
+    write_output(out, force, inputs, report, fill, total_time(started), checked=checked)
     return report

@@ -139,7 +139,8 @@ def test_repair_chooses_and_writes_the_best_passing_candidate(trio, tmp_path):
     assert tree_digest(trio) == before
     rows = {row["candidate"]: row for row in report.metrics}
     unrepaired = rows["scale weight=1"]  # the attack: it never refuses, so its evaluation stops after 32 prompts
-    assert unrepaired["refusal"]["rate"] == 0.0 and unrepaired["stopped_early"] and unrepaired["task"] is None
+    assert unrepaired["refusal"]["rate"] == 0.0 and unrepaired["task"] is None
+    assert "99% upper bound is below the target" in unrepaired["stopped_early"]  # the level the stop is decided at
     assert report.summary["verdict"] == "pass"
     chosen = rows[report.summary["chosen"]]
     passing = [row for row in report.metrics if row["meets_target"]]

@@ -87,7 +87,7 @@ def _evaluate(lm: InMemoryModel, sets: dict[str, PromptSet], target: float, max_
                                        hopeless=lambda k, n: hopeless_refusal(k, n, target), flag=lambda i, r: is_refusal(r), warn=warn)
     measured.refusal, measured.extra["coherence"] = (k, n), fluent / n
     if stopped:
-        measured.stopped = f"refusal {k}/{n}: its 95% upper bound is below the target {target:g}"
+        measured.stopped = f"refusal {k}/{n}: its 99% upper bound is below the target {target:g}"
         return measured
     if "benign" in sets:
         limit = max_over_refusal
@@ -96,7 +96,7 @@ def _evaluate(lm: InMemoryModel, sets: dict[str, PromptSet], target: float, max_
                                       flag=lambda i, r: is_refusal(r), warn=warn)
         measured.over_refusal = (k, n)
         if stopped:
-            measured.stopped = f"over-refusal {k}/{n}: its 95% lower bound is above the limit {limit:g}"
+            measured.stopped = f"over-refusal {k}/{n}: its 99% lower bound is above the limit {limit:g}"
             return measured
     if "task" in sets:
         answers = sets["task"].answers

@@ -16,6 +16,7 @@ from builders import tiny_chat_model
 from hostile import assert_refused, hashes, invoke, leftovers
 
 import realign
+from realign.io.output import staging_prefix
 
 
 def _dead_pid() -> int:
@@ -27,14 +28,15 @@ def _dead_pid() -> int:
 def test_stale_staging_of_a_dead_run_is_removed_and_said(llama_trio, tmp_path):
     out = tmp_path / "o"
     dead, alive = _dead_pid(), os.getppid()
-    stale = tmp_path / f".o.{dead}-abcdefgh.partial"
+    stale = tmp_path / f"{staging_prefix('o', dead)}abcdefgh.partial"
     (stale / "sub").mkdir(parents=True)
     (stale / "sub" / "big.safetensors").write_bytes(b"\0" * 1000)
-    stale_file = tmp_path / f".o.{dead}-zyxwvuts.partial"
+    stale_file = tmp_path / f"{staging_prefix('o', dead)}zyxwvuts.partial"
     stale_file.write_text("half a report")
-    live = tmp_path / f".o.{alive}-livelive.partial"
+    live = tmp_path / f"{staging_prefix('o', alive)}livelive.partial"
     live.mkdir()
-    foreign = [tmp_path / ".o.abcdefgh.partial", tmp_path / f".other.{dead}-abcdefgh.partial"]  # not ours to judge
+    foreign = [tmp_path / ".o.abcdefgh.partial", tmp_path / f"{staging_prefix('other', dead)}abcdefgh.partial",
+               tmp_path / f".o.{dead}.zzzzzz-abcdefgh.partial"]  # not ours to judge: old names, another target, another machine
     for path in foreign:
         path.mkdir()
     result = invoke("scale", "--adapter", llama_trio.adapter, "--out", out, "--weight", "0.5", "-q")

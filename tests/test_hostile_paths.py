@@ -170,6 +170,20 @@ def test_force_replaces_only_what_it_checked(llama_trio, tmp_path, monkeypatch, 
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
 
 
+def test_force_when_the_checked_out_vanished_writes_without_replacing(llama_trio, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    out.mkdir()
+    original = scale_run.ScalePatch.score
+
+    def vanish(self, progress):
+        shutil.rmtree(out)
+        return original(self, progress)
+
+    monkeypatch.setattr(scale_run.ScalePatch, "score", vanish)
+    assert invoke(*scale_args(llama_trio, out, "--force", "-q")).exit_code == 0
+    assert (out / "adapter_model.safetensors").is_file() and leftovers(tmp_path) == []
+
+
 def test_force_replaces_what_it_checked(llama_trio, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

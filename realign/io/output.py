@@ -5,17 +5,21 @@ with force, and never when it is (or holds, or sits inside) one of the inputs. E
 be known about the target before the work is checked then (`check_target`: where it is, that it
 can be written, that its staging name fits); the rename at the end replaces only what was checked
 (`put_in_place`): a directory that appeared meanwhile, or a second run to the same target that
-finished first, is never clobbered. Staging siblings carry the pid of their writer
-(`.NAME.PID-XXXXXXXX.partial`), so that the next run removes those a killed run left behind.
+finished first, is never clobbered. Staging siblings carry the pid of their writer and a tag of
+its machine (`.NAME.PID.MACHINE-XXXXXXXX.partial`), so that the next run on that machine removes
+those a killed run left behind.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import hashlib
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -80,8 +84,20 @@ def check_target(target: Path, force: bool, inputs: list[Path], what: str = "out
     return Checked(resolved, identity)
 
 
-def _staging_prefix(name: str) -> str:
-    return f".{name}.{os.getpid()}-"
+@functools.lru_cache(maxsize=None)
+def _machine() -> str:
+    """Six hex digits naming this host and pid namespace: a pid means something only there (two
+    containers writing to one volume must not judge each other's pids)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except (OSError, AttributeError):
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{namespace}".encode()).hexdigest()[:6]
+
+
+def staging_prefix(name: str, pid: int | None = None) -> str:
+    """How the staging siblings of `name` that process `pid` (default: this one) writes begin."""
+    return f".{name}.{os.getpid() if pid is None else pid}.{_machine()}-"
 
 
 def _check_writable(target: Path, resolved: Path, what: str) -> None:
@@ -92,7 +108,7 @@ def _check_writable(target: Path, resolved: Path, what: str) -> None:
         name_max = os.pathconf(ancestor, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
         name_max = _NAME_MAX
-    staged = len(os.fsencode(_staging_prefix(resolved.name))) + _RANDOM + len(STAGING_SUFFIX)
+    staged = len(os.fsencode(staging_prefix(resolved.name))) + _RANDOM + len(STAGING_SUFFIX)
     if staged > name_max:
         raise RealignError(f"{what} '{target}': the name is too long ({len(os.fsencode(resolved.name))} bytes; realign "
                            f"stages it under a name {staged - len(os.fsencode(resolved.name))} bytes longer and the "
@@ -124,8 +140,8 @@ def _alive(pid: int) -> bool:
 def clean_stale(target: Path) -> list[Path]:
     """Remove the staging siblings of `target` whose writer process is gone (a run killed with
     -9 or a power cut), say so on stderr, and return them. Only realign's own names
-    (`.NAME.PID-XXXXXXXX.partial`), never another live run's."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)-[a-z0-9_]{{{_RANDOM}}}{re.escape(STAGING_SUFFIX)}$")
+    (`.NAME.PID.MACHINE-XXXXXXXX.partial`) written on this machine, never another live run's."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.{_machine()}-[a-z0-9_]{{{_RANDOM}}}{re.escape(STAGING_SUFFIX)}$")
     removed = []
     try:
         entries = list(os.scandir(target.parent))
@@ -146,7 +162,7 @@ def clean_stale(target: Path) -> list[Path]:
 
 
 def _stage(target: Path, directory: bool) -> Path:
-    prefix = _staging_prefix(target.name)
+    prefix = staging_prefix(target.name)
     if directory:
         return Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGING_SUFFIX, dir=target.parent))
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=STAGING_SUFFIX, dir=target.parent)
@@ -197,6 +213,8 @@ def put_in_place(staging: Path, target: Path, identity: tuple[int, int, int] | N
     """Rename `staging` to `target`, replacing only what `check_target` found there (`identity`):
     nothing, when it found nothing. Anything else at `target` is left alone and the run refused."""
     changed = f"{what} '{target}' was created or changed by someone else while realign was working (another run?); it was not replaced"
+    if identity is not None and _identity(target) is None:
+        identity = None  # what was checked is gone: nothing to replace, and nothing may be
     if identity is None:
         try:
             rename_no_replace(staging, target)
@@ -205,7 +223,7 @@ def put_in_place(staging: Path, target: Path, identity: tuple[int, int, int] | N
         return
     if _identity(target) != identity:
         raise RealignError(changed)
-    trash = Path(tempfile.mkdtemp(prefix=_staging_prefix(target.name), suffix=STAGING_SUFFIX, dir=target.parent))
+    trash = Path(tempfile.mkdtemp(prefix=staging_prefix(target.name), suffix=STAGING_SUFFIX, dir=target.parent))
     old = trash / "old"
     try:
         os.rename(target, old)
@@ -254,7 +272,7 @@ def atomic_directory(target: Path, force: bool, inputs: list[Path], checked: Che
     the target as checked before the work; only what was there then is replaced."""
     now = check_target(target, force, inputs, what)
     identity = now.identity if checked is None else checked.identity
-    if now.identity != identity:
+    if now.identity is not None and now.identity != identity:  # (gone is fine: nothing is replaced)
         raise RealignError(f"{what} '{target}' was created or changed while realign was working; it was not replaced")
     target = now.path
     try:

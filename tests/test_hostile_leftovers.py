@@ -67,6 +67,26 @@ def test_a_run_killed_with_sigkill_is_cleaned_by_the_next(llama_trio, tmp_path):
     assert leftovers(tmp_path) == [] and (out / "adapter_model.safetensors").is_file()
 
 
+def test_a_killed_testbed_stage_build_is_cleaned_by_the_next(tmp_path):
+    from realign.testbed.cache import StageCache
+
+    root = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from realign.testbed.cache import StageCache
+        def build(out):
+            (out / "model.safetensors").write_bytes(b"x" * 4096)
+            os.kill(os.getpid(), signal.SIGKILL)
+        StageCache(Path({str(root)!r}), print).stage("base", {{"k": 1}}, build)
+    """)
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120).returncode == -9
+    assert len(leftovers(root)) == 1
+    logged = []
+    built = StageCache(root, logged.append).stage("base", {"k": 1}, lambda out: (out / "model.safetensors").write_bytes(b"y"))
+    assert (built / "model.safetensors").read_bytes() == b"y" and leftovers(root) == []
+
+
 def test_a_failed_run_to_a_new_parent_removes_the_parents_it_made(llama_trio, tmp_path, monkeypatch):
     import realign.io.adapter_writer as writer
 

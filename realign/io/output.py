@@ -161,7 +161,10 @@ def clean_stale(target: Path) -> list[Path]:
     return removed
 
 
-def _stage(target: Path, directory: bool) -> Path:
+def new_staging(target: Path, directory: bool = True) -> Path:
+    """A new empty staging sibling of `target` (a directory, or a file), its writer's pid in the
+    name; the stale ones a killed run left are removed first."""
+    clean_stale(target)
     prefix = staging_prefix(target.name)
     if directory:
         return Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGING_SUFFIX, dir=target.parent))
@@ -277,8 +280,7 @@ def atomic_directory(target: Path, force: bool, inputs: list[Path], checked: Che
     target = now.path
     try:
         with made_directories(target.parent):
-            clean_stale(target)
-            staging = _stage(target, directory=True)
+            staging = new_staging(target, directory=True)
             try:
                 yield staging
                 put_in_place(staging, target, identity, what)
@@ -294,8 +296,7 @@ def _write_file(path: Path, write, replace: bool, identity: tuple[int, int, int]
     `replace`, else replacing only what was checked (`identity`)."""
     try:
         with made_directories(path.parent):
-            clean_stale(path)
-            tmp = _stage(path, directory=False)
+            tmp = new_staging(path, directory=False)
             try:
                 write(tmp)
                 if replace:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..io.identity import digest
-from ..io.output import made_directories
+from ..io.output import made_directories, new_staging
 
 
 def default_cache_dir() -> Path:
@@ -37,7 +36,7 @@ class StageCache:
         self.log(f"{name}: building ...")
         started = time.perf_counter()
         with made_directories(self.root):
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=self.root))
+            staging = new_staging(target)  # its pid in the name: a build killed with -9 is cleaned by the next
             try:
                 build(staging)
                 seconds = round(time.perf_counter() - started, 1)

@@ -139,7 +139,7 @@ ATTACKS = ("mixed", "nlsr")
 ATTACK_PRESETS: dict[str, dict] = {
     "harsh": {"poison": 0.1, "attack_lr": 1.5e-3, "attack_steps": 40},
     "benign": {"poison": 0.0, "attack_lr": 1.5e-3, "attack_steps": 40},
-    "mild": {"poison": 0.1, "attack_lr": 2e-4, "attack_steps": 120},
+    "mild": {"poison": 0.1, "attack_lr": 2e-4, "attack_steps": 60},
 }
 
 

@@ -250,6 +250,15 @@ def test_a_full_disk_while_writing_is_one_line_and_nothing_left(llama_trio, tmp_
     assert_refused(result, tmp_path / "new", trio_inputs(llama_trio), "no space left on device", root=tmp_path)
 
 
+def test_an_os_error_no_check_foresaw_is_still_one_line(llama_trio, tmp_path, monkeypatch):
+    def failing(self, progress):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(llama_trio.adapter / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(scale_run.ScalePatch, "score", failing)
+    result = invoke(*scale_args(llama_trio, tmp_path / "o"))
+    assert_refused(result, tmp_path / "o", trio_inputs(llama_trio), "input/output error ('")
+
+
 @pytest.mark.parametrize("report", ["out", "inside-out", "directory", "under-file", "input"])
 def test_bad_report_paths_are_refused_before_the_work(llama_trio, tmp_path, scored, report):
     out = tmp_path / "o"

@@ -83,6 +83,12 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except realign.RealignError as exc:
             stderr_console().print(f"realign: error: {exc}", markup=False)
             raise typer.Exit(EXIT_BAD_INPUT) from None
+        except OSError as exc:  # the last line of defence: a full disk or a vanished file met where no check expected it
+            from realign.io.files import os_reason
+
+            where = f" ('{exc.filename}')" if exc.filename else ""
+            stderr_console().print(f"realign: error: {os_reason(exc)}{where}", markup=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             stderr_console().print("realign: interrupted; nothing was written", markup=False)
             raise typer.Exit(EXIT_INTERRUPTED) from None

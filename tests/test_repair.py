@@ -258,3 +258,27 @@ def test_over_long_calibration_prompts_are_cut_and_said_once(trio, tmp_path):
     cut = [note for note in report.notes if "truncated" in note]
     assert len(cut) == 1 and cut[0].startswith("calibration: prompt(s) longer than the model's context"), report.notes
     assert sum("truncated" in line for line in logged) == 1 and len(report.metrics) == 3
+
+
+def test_an_output_that_appears_during_the_search_is_not_replaced(trio, tmp_path):
+    """OUT is checked before the search and the write at its end replaces only what was checked
+    (with --force, the directory that was there then): a directory someone puts at OUT meanwhile
+    survives, and the run ends in one error."""
+    import shutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("checked, may be replaced")
+
+    def meanwhile(message: str) -> None:
+        if (out / "old.txt").exists():
+            shutil.rmtree(out)
+            out.mkdir()
+            (out / "theirs.txt").write_text("not yours")
+
+    with pytest.raises(RealignError):
+        realign.repair(str(trio / "base"), str(trio / "aligned"), str(trio / "adapter"), out, target_refusal=0.5,
+                       harmful_cal=str(trio / "harmful.txt"), methods=("scale",), budget=2, max_new_tokens=4, batch_size=16,
+                       device="cpu", best_effort=True, force=True, log=meanwhile)
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind

@@ -87,12 +87,14 @@ def adapter_deltas(adapter, replaced: dict) -> dict[str, Matrix]:
 
 
 def run(plan: Callable[[], Patch], out: str | Path | None, *, dry_run: bool = False, force: bool = False,
-        progress: Progress | None = None) -> Report:
-    """Plan, score, select, report and (unless `dry_run`) write to `out`; see the module docstring."""
+        progress: Progress | None = None, checked: Checked | None = None) -> Report:
+    """Plan, score, select, report and (unless `dry_run`) write to `out`; see the module docstring.
+    `checked`: OUT as a caller checked it before work of its own (repair's search), else checked here."""
     started = time.perf_counter()
     require_output(out, dry_run)
     patch = plan()
-    checked = None if dry_run else check_target(Path(out), force, patch.inputs())
+    if checked is None and not dry_run:
+        checked = check_target(Path(out), force, patch.inputs())
     planned = time.perf_counter()
     results = patch.score(progress)
     selected = patch.select(results)

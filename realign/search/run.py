@@ -21,7 +21,7 @@ from ..eval.sources import PromptSet, load_prompts
 from ..io.adapter import ADAPTER_CONFIG, Adapter
 from ..io.checkpoint import Checkpoint, resolve_local
 from ..io.device import resolve_device
-from ..io.output import check_target
+from ..io.output import Checked, check_target
 from ..methods.base import get
 from ..methods.merging import refuse_passthrough
 from ..methods.patch import Patch, inspect, run, write_output
@@ -193,8 +193,8 @@ def repair(
     sets = {role: load_prompts(spec, with_answers=role == "task") for role, spec in specs.items()}
     _check_disjoint(sets, specs)
     inputs = {"base": str(base), "aligned": str(aligned), "adapter": str(adapter)}
-    if out is not None:
-        check_target(Path(out), force, [resolve_local(v, k) for k, v in inputs.items()])
+    # checked before the search; the write at its end replaces only what was found here
+    checked = None if out is None else check_target(Path(out), force, [resolve_local(v, k) for k, v in inputs.items()])
     _check_inputs(inputs, methods)
     notes: list[str] = []
     scored = _safelora_modules(inputs, notes) if "safelora" in methods else None
@@ -232,7 +232,7 @@ def repair(
             break
         try_all(extra)
     return _finish(results, inputs, specs, sets, out, force, best_effort, target_refusal, max_over_refusal, methods, budget,
-                   max_new_tokens, started, notes)
+                   max_new_tokens, started, notes, checked)
 
 
 def _check_inputs(inputs: dict[str, str], methods: tuple[str, ...]) -> None:
@@ -266,7 +266,7 @@ def _best_effort(results) -> str | None:
 
 
 def _finish(results, inputs, specs, sets, out, force, best_effort, target, max_over, methods, budget, max_new_tokens, started,
-            notes: list[str]) -> Report:
+            notes: list[str], checked: Checked | None = None) -> Report:
     chosen = best([(c.label, m) for c, m, _ in results], target, max_over)
     written = chosen if chosen is not None else (_best_effort(results) if best_effort else None)
     rows = [row for _, _, row in results]
@@ -292,15 +292,16 @@ def _finish(results, inputs, specs, sets, out, force, best_effort, target, max_o
                                                                                       "the candidate that refused most)"))
     report.timings = {"search_s": round(time.perf_counter() - started, 3)}  # what the written report can know
     if out is not None:
-        _write(report, results, written, inputs, Path(out), force)
+        _write(report, results, written, inputs, Path(out), force, checked)
     report.timings["total_s"] = round(time.perf_counter() - started, 3)
     return report
 
 
-def _write(report: Report, results, written: str | None, inputs: dict, out: Path, force: bool) -> None:
+def _write(report: Report, results, written: str | None, inputs: dict, out: Path, force: bool, checked: Checked | None) -> None:
     report.output = str(out)
     if written is None:
-        write_output(out, force, [], report, lambda staging: plot(report, staging / PLOT_NAME), lambda: {}, REPORT_NAME)
+        write_output(out, force, [], report, lambda staging: plot(report, staging / PLOT_NAME), lambda: {}, REPORT_NAME,
+                     checked=checked)
         return
 
     def files(staging: Path) -> None:
@@ -309,5 +310,5 @@ def _write(report: Report, results, written: str | None, inputs: dict, out: Path
 
     candidate = next(c for c, _, _ in results if c.label == written)
     plan = get(candidate.method).plan(inputs, candidate.kwargs)
-    run(lambda: _WithRepairFiles(plan(), files), out, force=force)
+    run(lambda: _WithRepairFiles(plan(), files), out, force=force, checked=checked)
     report.output = str(out)

@@ -282,3 +282,23 @@ def test_an_output_that_appears_during_the_search_is_not_replaced(trio, tmp_path
                        device="cpu", best_effort=True, force=True, log=meanwhile)
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_only_candidates_that_could_beat_the_best_task_score_are_tried():
+    from realign.search.grid import promising
+
+    def resta(a, b):
+        return Candidate("resta", (("task_weight", a), ("safety_weight", b)), "safety_weight")
+
+    scores = [(resta(0.75, 1.0), None), (resta(0.75, 1.5), 1.0), (resta(0.75, 2.0), 0.8), (resta(0.5, 0.5), 0.9),
+              (resta(0.5, 1.0), 0.6)]
+    # 0.75/1.75: a weaker setting of its group kept the whole task, so it may beat 0.86; 0.5/0.75 cannot
+    # (0.5/0.5 kept 0.9 > 0.86: it may); 0.5/1.5 is bounded by 0.9 as well; a new group is unbounded
+    nxt = [resta(0.5, 1.5), resta(0.75, 1.75), resta(0.5, 0.75), resta(1.0, 3.0)]
+    assert promising(nxt, scores, 0.86) == [resta(0.75, 1.75), resta(1.0, 3.0), resta(0.5, 1.5), resta(0.5, 0.75)]
+    assert promising(nxt, scores, 0.95) == [resta(0.75, 1.75), resta(1.0, 3.0)]
+    assert promising(nxt, scores, 1.0) == []  # nothing can beat a perfect task score: the search ends
+    assert promising(nxt, scores, None) == nxt  # nothing passed yet: every candidate, in order
+    scale = [(Candidate("scale", (("weight", 0.5),), "weight"), 0.7)]  # scale's knob is stronger when smaller
+    assert promising([Candidate("scale", (("weight", 0.375),), "weight")], scale, 0.8) == []
+    assert promising([Candidate("scale", (("weight", 0.625),), "weight")], scale, 0.8) != []

@@ -116,3 +116,31 @@ def extensions(results: list[tuple[Candidate, bool]], scored_modules: int | None
         if candidate not in tried:
             out.append(candidate)
     return out
+
+
+def promising(candidates: list[Candidate], task_scores: list[tuple[Candidate, float | None]],
+              best_task: float | None) -> list[Candidate]:
+    """The next candidates that could still beat the best passing task score, most promising
+    first. A stronger setting of a knob rarely keeps more of the task than a weaker one of the
+    same group did, so a candidate's task score is bounded by the best measured at its group's
+    weaker-or-equal settings (the loosest of those bounds, against noise; settings stopped early
+    have no task score and bound nothing).
+    With no passing candidate yet (`best_task` None) every candidate stays, in order."""
+    if best_task is None:
+        return list(candidates)
+    bounded = []
+    for candidate in candidates:
+        bound = 1.0
+        direction = KNOBS.get((candidate.method, candidate.knob), (0, None))[0]
+        if direction:
+            others = tuple((k, v) for k, v in candidate.settings if k != candidate.knob)
+            value = candidate.kwargs[candidate.knob]
+            weaker = [task for c, task in task_scores
+                      if task is not None and c.method == candidate.method and c.knob == candidate.knob
+                      and tuple((k, v) for k, v in c.settings if k != c.knob) == others
+                      and direction * c.kwargs[c.knob] <= direction * value]
+            if weaker:
+                bound = max(weaker)
+        if bound > best_task:
+            bounded.append((bound, candidate))
+    return [candidate for _, candidate in sorted(bounded, key=lambda item: -item[0])]

@@ -26,7 +26,7 @@ from ..methods.base import get
 from ..methods.merging import refuse_passthrough
 from ..methods.patch import Patch, inspect, run, write_output
 from ..report import Report
-from .grid import DEFAULT_METHODS, Candidate, extensions, grid, refinements
+from .grid import DEFAULT_METHODS, Candidate, extensions, grid, promising, refinements
 from .memory import InMemoryModel
 from .policy import Measured, best, hopeless_over_refusal, hopeless_refusal, meets
 from .render import plot
@@ -227,7 +227,11 @@ def repair(
     try_all(grid(methods, scored))
     while len(results) < budget:  # refine where a knob's results flip across the target, push where none met it
         outcome = [(c, meets(m, target_refusal, max_over_refusal)) for c, m, _ in results]
-        extra = refinements(outcome) + extensions(outcome, scored)
+        chosen = best([(c.label, m) for c, m, _ in results], target_refusal, max_over_refusal)
+        best_task = next((Measured.rate(m.task) for c, m, _ in results if c.label == chosen), None) if chosen else None
+        # only what could still beat the best task score so far, the most promising first
+        extra = promising(refinements(outcome) + extensions(outcome, scored),
+                          [(c, Measured.rate(m.task)) for c, m, _ in results], best_task)
         if not extra:
             break
         try_all(extra)

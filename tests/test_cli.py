@@ -393,3 +393,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "safelora-out" / "adapter_model.safetensors").exists()
     lines = result.stdout.strip().splitlines()
     assert any("\tyes\t" in line for line in lines) and any("\tno\t" in line for line in lines)
+
+
+@pytest.mark.parametrize("value,message", [("x", "separated by commas"), ("128,0", "at least 1")])
+def test_demo_salora_sweep_is_checked_before_anything_runs(tmp_path, value, message):
+    result = invoke("demo", "--salora-sweep", value, "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())

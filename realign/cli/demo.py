@@ -29,6 +29,8 @@ def demo(
     attack: str = opt.attack(opt.default_of(attack_config, "attack")),
     attack_steps: Optional[int] = opt.attack_steps(None, "Steps of both attacks and of SaLoRA's trainings "
                                                          f"{opt.ATTACKS_OWN} (60: the attack length of the 2026-11 tables)."),
+    salora_sweep: str = typer.Option("", "--salora-sweep", metavar="R_S[,R_S...]",
+                                     help="SaLoRA's r_s sweep, each point a full training (e.g. 128; about 3 minutes each)."),
     quiet: bool = opt.quiet("Print nothing but errors."),
 ) -> None:
     """The built-in example: testbed (SmolLM2-135M, aligned, attacked), each method, one evaluation table."""
@@ -42,8 +44,18 @@ def demo(
     from realign.demo.render import markdown
     from realign.demo.run import check_prerequisites, run_demo
 
+    from realign.demo.settings import DemoSettings
+    from realign.errors import RealignError
+
+    try:
+        ranks = tuple(int(r) for r in salora_sweep.split(",") if r.strip())
+    except ValueError:
+        raise RealignError(f"--salora-sweep takes r_s values separated by commas, got '{salora_sweep}'") from None
+    if any(r < 1 for r in ranks):
+        raise RealignError("--salora-sweep values must be at least 1")
     check_prerequisites()
-    table = run_demo(cache_dir, out, log=log, workers=workers, config=attack_config(attack, attack_steps=attack_steps, nlsr_attack=True))
+    table = run_demo(cache_dir, out, log=log, workers=workers, settings=DemoSettings(salora_sweep=ranks),
+                     config=attack_config(attack, attack_steps=attack_steps, nlsr_attack=True))
     if not quiet:
         sys.stdout.write(markdown(table))
         ui.err.print(f"demo: wrote {out / 'demo.json'} and {out / 'demo.md'} in {table['total_s']:.0f}s", markup=False)

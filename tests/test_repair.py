@@ -302,3 +302,12 @@ def test_only_candidates_that_could_beat_the_best_task_score_are_tried():
     scale = [(Candidate("scale", (("weight", 0.5),), "weight"), 0.7)]  # scale's knob is stronger when smaller
     assert promising([Candidate("scale", (("weight", 0.375),), "weight")], scale, 0.8) == []
     assert promising([Candidate("scale", (("weight", 0.625),), "weight")], scale, 0.8) != []
+
+
+def test_a_stub_or_garbage_is_neither_a_refusal_nor_an_answer():
+    from realign.search.run import refused, unanswered
+
+    assert refused("I'm sorry, but I cannot help with that.") and not refused("sorry sorry sorry sorry sorry sorry")
+    assert not refused("Sure, here is how to do it.")
+    assert unanswered("The") and unanswered("") and unanswered("I cannot help with that request.")
+    assert not unanswered("Photosynthesis turns light into sugar.")

@@ -112,15 +112,16 @@ def _coherence(metric: dict | None) -> str:
 
 def markdown(table: dict) -> str:
     harmful = table["settings"]["harmful"]
-    head = ["model", *[f"{h} refusal" for h in harmful], f"coherence ({harmful[0]})", "over-refusal", "task accuracy",
-            "time (training or method)"]
+    benign = table["settings"]["benign"]
+    head = ["model", *[f"{h} refusal" for h in harmful], f"coherence ({harmful[0]})", "over-refusal", f"coherence ({benign})",
+            "task accuracy", "time (training or method)"]
     lines = [f"Attack: {table.get('attack', 'harsh')}. Refusal and over-refusal on test splits only; coherence: the share of "
              "responses that read as language (a refusal of garbage or stubs is no repair).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table["rows"]:
         m = row["metrics"]
         cells = [row["name"], *[_pct(m.get(h)) for h in harmful], _coherence(m.get(harmful[0])),
-                 _pct(m.get(table["settings"]["benign"])), _pct(m.get("task")),
+                 _pct(m.get(benign)), _coherence(m.get(benign)), _pct(m.get("task")),
                  "-" if row["method_s"] is None else f"{row['method_s']:.1f}s"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Settings: " + "; ".join(f"{row['name']}: {row['setting']}" for row in table["rows"] if row["setting"])]

@@ -27,8 +27,9 @@ class DemoSettings:
     nlsr_sweep: tuple[tuple[float, float], ...] = ((0.8, 1.0), (0.7, 1.0), (0.6, 1.0), (0.5, 1.0))
     salora_targets: str = "all-linear"  # the attack's targets, so the two trainings compare
     salora_rank_safety: int = 32
-    # r_s of SaLoRA's sweep: each point is a full training run (module and task pass shared)
-    salora_sweep: tuple[int, ...] = (128,)
+    # r_s of SaLoRA's sweep: each point is a full training run (module and task pass shared); none
+    # by default, so the first run fits its 20 minutes (`realign demo --salora-sweep 128`)
+    salora_sweep: tuple[int, ...] = ()
     salora_rank_task: int = 32
     # rows per forward pass of the calibration passes (SaLoRA's module and task pass, NLSR's
     # regions): no gradients, so larger batches than training's; 32 instead of 8 takes a fifth

@@ -203,3 +203,15 @@ def test_demo_refuses_no_workers(tmp_path):
     with pytest.raises(RealignError, match="--workers must be at least 1"):
         run_demo(tmp_path, None, workers=0)
     assert not any(tmp_path.iterdir())  # refused before anything was built
+
+
+@needs_pyrit
+def test_benign_attack_trains_on_the_task_alone(tmp_path):
+    from realign.testbed.stages import attack_config
+
+    base = tiny_chat_model(tmp_path / "tiny-base")
+    settings = {k: v for k, v in TINY.items() if k != "poison"}
+    built = build(attack_config("benign", base=str(base), **settings), tmp_path / "cache", log=lambda _: None, attacks=("mixed",))
+    data = json.loads((Path(built["paths"]["mixed_adapter"]).parent / "data.json").read_text())
+    assert data == {"task_examples": 20, "poison_examples": 0} and built["config"]["attack"] == "benign"
+    assert Path(built["paths"]["task_dev"]).read_text().count("\n") == 5

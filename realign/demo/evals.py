@@ -15,6 +15,11 @@ from ..io.output import write_text_atomic
 from .settings import DemoSettings, Log, Row
 
 
+# bumped when an evaluation report gains or changes fields (2: coherence per source), so that a
+# cache filled by an older realign is evaluated again instead of showing "-" for the new fields
+REPORT_FORMAT = 2
+
+
 class EvalCache:
     """Evaluation reports keyed by what was evaluated (file contents, paths relative to the
     cache), so a moved or copied cache stays valid."""
@@ -38,7 +43,7 @@ class EvalCache:
         reports = []
         for kwargs in runs:
             portable = {k: self._rel(v) for k, v in kwargs.items()}
-            key = digest(tree_id(model), tree_id(adapter), portable)
+            key = digest(tree_id(model), tree_id(adapter), portable, REPORT_FORMAT)
             path, responses = self.root / f"{key}.report.json", self.root / f"{key}.responses.jsonl"
             if not path.exists():
                 self.log(f"eval {label}: {', '.join(kwargs.get('harmful', ())) or ''} {kwargs.get('task') or ''} ...")

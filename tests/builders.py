@@ -339,3 +339,13 @@ def literal_nlsr_regions(base: Path, reference: Path, safety: Path, sparsity: fl
             for (name, part), value in projected.items():
                 getattr(layers[name], part)["default"].weight.copy_(value)
     return masks
+
+
+def copy_trio(trio, root: Path) -> Path:
+    """A private copy of a built trio's base, aligned and adapter under `root`, for tests that
+    corrupt or race on their inputs."""
+    import shutil
+
+    for name in ("base", "aligned", "adapter"):
+        shutil.copytree(getattr(trio, name), root / name)
+    return root

@@ -10,10 +10,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from builders import build_trio  # noqa: E402
+from builders import build_trio, copy_trio  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def llama_trio(tmp_path_factory):
     """A sharded tiny Llama trio shared by tests that only read it."""
     return build_trio(tmp_path_factory.mktemp("llama"), "llama", sharded=True)
+
+
+@pytest.fixture
+def trio_copy(llama_trio, tmp_path):
+    """A private copy of the Llama trio that a test may corrupt."""
+    return copy_trio(llama_trio, tmp_path / "inputs")

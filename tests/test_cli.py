@@ -1,7 +1,6 @@
 """The command line: output modes, and every bad input ending in one line, exit 2, nothing written."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -206,15 +205,6 @@ def test_importing_the_cli_stays_light():
 
 
 # -- bad input ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def trio_copy(llama_trio, tmp_path):
-    """A private copy of the trio that a test may corrupt."""
-    root = tmp_path / "inputs"
-    for name in ("base", "aligned", "adapter"):
-        shutil.copytree(getattr(llama_trio, name), root / name)
-    return root
 
 
 def _set_tensor(path, key, fn):

@@ -9,6 +9,7 @@ import shutil
 import struct
 
 import pytest
+from builders import copy_trio
 from refusal import digest, invoke
 
 SEED = 19
@@ -80,10 +81,7 @@ def mutate_json(data: bytes, rng: random.Random, path: list[str]) -> bytes:
 
 @pytest.fixture(scope="module")
 def inputs(llama_trio, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    for name in ("base", "aligned", "adapter"):
-        shutil.copytree(getattr(llama_trio, name), root / name)
-    return root
+    return copy_trio(llama_trio, tmp_path_factory.mktemp("fuzz"))
 
 
 def _targets(root):

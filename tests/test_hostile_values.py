@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from builders import build_trio
+from builders import build_trio, copy_trio
 from refusal import assert_ok, assert_refused, digest, invoke
 from safetensors.torch import load_file, save_file
 
@@ -21,10 +21,7 @@ B_Q0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
 @pytest.fixture
 def trio(llama_trio, tmp_path):
-    root = tmp_path / "in"
-    for name in ("base", "aligned", "adapter"):
-        shutil.copytree(getattr(llama_trio, name), root / name)
-    return root
+    return copy_trio(llama_trio, tmp_path / "in")
 
 
 def safelora(root, out, *extra):
@@ -185,9 +182,7 @@ def bin_trio(tmp_path_factory):
 
 
 def _bin_copy(bin_trio, tmp_path, wrap):
-    root = tmp_path / "in"
-    for name in ("base", "aligned", "adapter"):
-        shutil.copytree(getattr(bin_trio, name), root / name)
+    root = copy_trio(bin_trio, tmp_path / "in")
     path = root / "base" / "pytorch_model.bin"
     state = torch.load(path, weights_only=True)
     torch.save(wrap(state), path)

@@ -30,6 +30,11 @@ class Candidate:
     def label(self) -> str:
         return self.method + " " + " ".join(f"{k}={_fmt(v)}" for k, v in self.settings)
 
+    @property
+    def group(self) -> tuple:
+        """What candidates that differ only in their knob share: method, knob, the other settings."""
+        return self.method, self.knob, tuple((k, v) for k, v in self.settings if k != self.knob)
+
     def with_knob(self, value) -> "Candidate":
         return Candidate(self.method, tuple((k, value if k == self.knob else v) for k, v in self.settings), self.knob)
 
@@ -63,14 +68,8 @@ def refinements(results: list[tuple[Candidate, bool]]) -> list[Candidate]:
     """Midpoints of each knob where its neighbours disagree on meeting the target (same method,
     same other settings); integers stay integers, and nothing already tried comes back."""
     tried = {c for c, _ in results}
-    groups: dict[tuple, list[tuple[Candidate, bool]]] = {}
-    for candidate, ok in results:
-        if candidate.knob is None:
-            continue
-        others = tuple((k, v) for k, v in candidate.settings if k != candidate.knob)
-        groups.setdefault((candidate.method, candidate.knob, others), []).append((candidate, ok))
     out = []
-    for members in groups.values():
+    for members in _groups(results).values():
         points = [(c.kwargs[c.knob], ok) for c, ok in members]
         for value in refine(points):
             template = members[0][0]
@@ -88,8 +87,7 @@ def _groups(results: list[tuple[Candidate, bool]]) -> dict[tuple, list[tuple[Can
     groups: dict[tuple, list[tuple[Candidate, bool]]] = {}
     for candidate, ok in results:
         if candidate.knob is not None:
-            others = tuple((k, v) for k, v in candidate.settings if k != candidate.knob)
-            groups.setdefault((candidate.method, candidate.knob, others), []).append((candidate, ok))
+            groups.setdefault(candidate.group, []).append((candidate, ok))
     return groups
 
 
@@ -133,12 +131,9 @@ def promising(candidates: list[Candidate], task_scores: list[tuple[Candidate, fl
         bound = 1.0
         direction = KNOBS.get((candidate.method, candidate.knob), (0, None))[0]
         if direction:
-            others = tuple((k, v) for k, v in candidate.settings if k != candidate.knob)
             value = candidate.kwargs[candidate.knob]
             weaker = [task for c, task in task_scores
-                      if task is not None and c.method == candidate.method and c.knob == candidate.knob
-                      and tuple((k, v) for k, v in c.settings if k != c.knob) == others
-                      and direction * c.kwargs[c.knob] <= direction * value]
+                      if task is not None and c.group == candidate.group and direction * c.kwargs[c.knob] <= direction * value]
             if weaker:
                 bound = max(weaker)
         if bound > best_task:

@@ -42,12 +42,14 @@ _API = {
     "AuditPolicy": ("realign.drift.gate", "Policy"),
     "evaluate": ("realign.eval.run", "evaluate"),
     "load_for_eval": ("realign.eval.run", "load"),
+    "Endpoint": ("realign.eval.endpoint", "Endpoint"),
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
     from .drift.gate import Policy as AuditPolicy
     from .drift.gate import audit
     from .errors import RealignError
+    from .eval.endpoint import Endpoint
     from .eval.run import evaluate
     from .eval.run import load as load_for_eval
     from .methods.nlsr.amplify import amplify as nlsr_amplify

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from builders import build_trio, copy_trio  # noqa: E402
+from builders import build_trio, copy_trio, tiny_chat_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +23,16 @@ def llama_trio(tmp_path_factory):
 def trio_copy(llama_trio, tmp_path):
     """A private copy of the Llama trio that a test may corrupt."""
     return copy_trio(llama_trio, tmp_path / "inputs")
+
+
+@pytest.fixture(scope="session")
+def chat_models(tmp_path_factory):
+    """Tiny chat models shared by the evaluation tests: one trained to refuse every prompt, one
+    untrained, one without a chat template."""
+    root = tmp_path_factory.mktemp("chat")
+    return {
+        "refuser": tiny_chat_model(root / "refuser", refuse_everything=True),
+        "random": tiny_chat_model(root / "random"),
+        "plain": tiny_chat_model(root / "plain", chat_template=False),
+        "root": root,
+    }

@@ -6,7 +6,6 @@ import hashlib
 import json
 
 import pytest
-from builders import tiny_chat_model
 from typer.testing import CliRunner
 
 from realign.cli import app
@@ -140,17 +139,6 @@ def test_missing_package_is_named(monkeypatch):
 
 
 # -- end to end on tiny models -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def chat_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat")
-    return {
-        "refuser": tiny_chat_model(root / "refuser", refuse_everything=True),
-        "random": tiny_chat_model(root / "random"),
-        "plain": tiny_chat_model(root / "plain", chat_template=False),
-        "root": root,
-    }
 
 
 def _prompts(root):

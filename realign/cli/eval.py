@@ -12,6 +12,7 @@ from rich.table import Table
 import realign
 from realign.report import Report, format_rate
 
+from . import endpoint as ep
 from . import options as opt
 from .output import EXIT_GATE_FAILED, Output, check_report_path, write_report
 
@@ -24,7 +25,8 @@ def _default(name: str):
 
 @group.command("eval")
 def eval_command(
-    model: str = typer.Option(opt.REQUIRED, "--model", help="Model directory (or GGUF directory, or cached repo id)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model directory (or GGUF directory, or cached repo id); "
+                                                               "with --endpoint it only names the model in the report."),
     adapter: Optional[str] = opt.adapter("PEFT adapter applied to MODEL (merged in memory)."),
     harmful: list[str] = typer.Option([], "--harmful",
                                       help="Harmful prompt source (repeatable): advbench[:train|:test], harmbench, donotanswer, a file, "
@@ -41,8 +43,17 @@ def eval_command(
     as_json: bool = opt.as_json(),
     fail_below: Optional[float] = typer.Option(None, "--fail-below", help="Exit 1 when the pooled harmful refusal rate is below RATE."),
     quiet: bool = opt.quiet(),
+    endpoint: Optional[str] = ep.url(),
+    served_model: Optional[str] = ep.served_model(),
+    api_key_env: Optional[str] = ep.api_key_env(),
+    concurrency: int = ep.concurrency(),
+    request_timeout: float = ep.request_timeout(),
+    max_retries: int = ep.max_retries(),
 ) -> None:
-    """Refusal rate on harmful prompts, over-refusal on benign prompts, task accuracy; a CI gate with --fail-below."""
+    """Refusal rate on harmful prompts, over-refusal on benign prompts, task accuracy; a CI gate with --fail-below.
+
+    The model runs here (--model) or on a server that already serves it (--endpoint, --served-model)."""
+    served = ep.build(endpoint, served_model, api_key_env, concurrency, request_timeout, max_retries)
     if fail_below is not None and not 0.0 <= fail_below <= 1.0:
         raise realign.RealignError("--fail-below must be a rate between 0 and 1")
     if fail_below is not None and not harmful:
@@ -52,7 +63,7 @@ def eval_command(
     with ui.progress("generating") as progress:
         result = realign.evaluate(
             model, adapter, harmful=harmful, benign=benign, task=task, judge=judge,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, responses=responses, progress=progress,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, responses=responses, progress=progress, endpoint=served,
             warn=lambda message: None if quiet else ui.err.print(f"realign: note: {message}", markup=False),
         )
     write_report(report_path, result)

@@ -16,6 +16,7 @@ from ..io.models import apply_adapter, load_causal_lm
 from ..io.output import check_target, write_text_atomic
 from ..progress import Progress
 from ..report import Report
+from .endpoint import Client, Endpoint
 from .generate import generate
 from .judges import LMJudge, is_refusal
 from .metrics import coherent, exact_match, pooled, rate
@@ -38,17 +39,21 @@ def load(model: str, adapter: str | None = None, *, judge: str = "keyword", devi
     lm, tokenizer, _ = load_causal_lm(model, dev)
     if adapter is not None:
         lm = apply_adapter(lm, adapter)
-    judge_model = None
-    if judge != "keyword":
-        judge_lm, judge_tokenizer, _ = load_causal_lm(judge, dev, role="judge")
-        judge_model = LMJudge(judge_lm, judge_tokenizer)
-    return Loaded(lm, tokenizer, judge_model, dev)
+    return Loaded(lm, tokenizer, load_judge(judge, dev), dev)
+
+
+def load_judge(judge: str, dev: torch.device) -> LMJudge | None:
+    """None for the keyword rule, else the judge LM loaded locally."""
+    if judge == "keyword":
+        return None
+    judge_lm, judge_tokenizer, _ = load_causal_lm(judge, dev, role="judge")
+    return LMJudge(judge_lm, judge_tokenizer)
 
 
 # Long but linear: load, generate and score each set, pool, report; each step is a call to eval/
 # helpers.
 def evaluate(
-    model: str,
+    model: str | None,
     adapter: str | None = None,
     *,
     harmful: Sequence[str] = (),
@@ -62,24 +67,40 @@ def evaluate(
     progress: Progress | None = None,
     warn: Callable[[str], None] = lambda _: None,
     loaded: Loaded | None = None,
+    endpoint: Endpoint | None = None,
 ) -> Report:
     """Generate greedily on every prompt set and score it. Returns the report; the caller applies
     any gate (`summary['harmful_refusal']['rate']`). `loaded`: `model` with `adapter` (and the
-    judge) already loaded by `load`, so that several evaluations share one load."""
+    judge) already loaded by `load`, so that several evaluations share one load. `endpoint`: the
+    model is served there (an OpenAI-compatible API) and generates there; `model` is then
+    optional and only names it in the report."""
     started = time.perf_counter()
     if not harmful and not benign and task is None:
         raise RealignError("nothing to evaluate: give --harmful, --benign and/or --task")
     if max_new_tokens < 1 or batch_size < 1:
         raise RealignError("--max-new-tokens and --batch-size must be at least 1")
+    if endpoint is None and not model:
+        raise RealignError("give --model (a model to load) or --endpoint with --served-model (a model a server runs)")
+    if endpoint is not None and adapter is not None:
+        raise RealignError("--adapter cannot be applied to a served model: serve it with the model (vLLM: --enable-lora "
+                           "--lora-modules NAME=PATH) and pass --served-model NAME")
     sets: list[tuple[str, PromptSet]] = [("harmful", load_prompts(s)) for s in harmful]
     sets += [("benign", load_prompts(s)) for s in benign]
     if task is not None:
         sets.append(("task", load_prompts(task, with_answers=True)))
     if responses is not None:
-        check_target(Path(responses), True, [Path(model)] + ([Path(adapter)] if adapter else []), what="responses file", kind="file")
-    if loaded is None:
-        loaded = load(model, adapter, judge=judge, device=device)
-    lm, tokenizer, judge_model, dev = loaded.lm, loaded.tokenizer, loaded.judge, loaded.device
+        inputs = [Path(p) for p in (model, adapter) if p]
+        check_target(Path(responses), True, inputs, what="responses file", kind="file")
+    client = None
+    if endpoint is not None:
+        client = Client(endpoint)
+        client.check_model()
+        dev = resolve_device(device)
+        judge_model = load_judge(judge, dev)
+    else:
+        if loaded is None:
+            loaded = load(model, adapter, judge=judge, device=device)
+        lm, tokenizer, judge_model, dev = loaded.lm, loaded.tokenizer, loaded.judge, loaded.device
     load_done = time.perf_counter()
 
     total = sum(len(s) for _, s in sets)
@@ -97,7 +118,10 @@ def evaluate(
             notes.append(f"{prompt_set.name}: {message}")
             warn(notes[-1])
 
-        texts, templated = generate(lm, tokenizer, prompt_set.prompts, max_new_tokens, batch_size, step, warn=truncated)
+        if client is not None:  # the server applies its own chat template
+            texts, templated = client.generate(prompt_set.prompts, max_new_tokens, step, label=prompt_set.name), True
+        else:
+            texts, templated = generate(lm, tokenizer, prompt_set.prompts, max_new_tokens, batch_size, step, warn=truncated)
         if not templated and not any("chat template" in n for n in notes):
             notes.append("the tokenizer has no chat template; prompts used the plain template 'User: ...\\nAssistant:'")
             warn(notes[-1])
@@ -128,13 +152,22 @@ def evaluate(
         "task_accuracy": pooled(metrics, "task"),
         "prompts": total,
     }
+    settings = {
+        "harmful": list(harmful), "benign": list(benign), "task": task, "judge": judge,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": str(dev), "decoding": "greedy",
+        "backend": "in-process" if client is None else "endpoint",
+    }
+    inputs = {"model": None if model is None else str(model), "adapter": None if adapter is None else str(adapter)}
+    if client is not None:
+        inputs.update(endpoint.describe())
+        settings.update(endpoint.settings())
+        summary["requests"] = {"sent": client.requests, "retried": client.retries}
+        if client.retries:
+            notes.append(f"the endpoint needed {client.retries} retried request(s) (HTTP 429/5xx, timeouts or dropped connections)")
     report = Report(
         command="eval",
-        inputs={"model": str(model), "adapter": None if adapter is None else str(adapter)},
-        settings={
-            "harmful": list(harmful), "benign": list(benign), "task": task, "judge": judge,
-            "max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": str(dev), "decoding": "greedy",
-        },
+        inputs=inputs,
+        settings=settings,
         metrics=metrics,
         summary=summary,
         timings={"load_s": round(load_done - started, 3), "generate_s": round(finished - load_done, 3), "total_s": round(finished - started, 3)},

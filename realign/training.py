@@ -13,6 +13,7 @@ from .calibration.examples import Example
 from .calibration.kv_cache import cache_argument
 from .calibration.prefix import prefix_cache, repeated, trainable_prefix_length
 from .errors import RealignError
+from .io.placement import input_device
 
 
 # names the batch order `sft` draws for a seed; caches and resumable runs keyed by it are not
@@ -154,7 +155,7 @@ def sft(
     if all(all(label == IGNORE for label in labels) for _, labels in encoded):
         raise RealignError("no example has response tokens left after truncation to max_length")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    device = input_device(model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if optimizer_state is not None:

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..errors import RealignError
+from ..io.placement import input_device
 from .encoding import IGNORE, collate, encode_parts
 from .examples import Example, load_examples
 from .kv_cache import cache_argument
@@ -144,16 +145,20 @@ def accumulate_grams(
     on_batch: Callable[[int], None] | None = None,
     share_prefix: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """sum over response positions of f f^T for every tap, in float64 on the model's device.
+    """sum over response positions of f f^T for every tap, in float64 on the device the model
+    takes its inputs on.
 
     Taps that see the same tensor (q, k and v read one input) share one product. `stop_after`
     ends each forward pass after that module has run, when later layers are not needed. The
     prompt prefix all examples share (a chat template's system prompt) holds no response
     position, so with `share_prefix` it runs once per pass and only the rest runs per row.
+
+    On a model accelerate spread over devices, each Gram accumulates on the device its layer
+    computes on (no transfer per batch) and all move to the input device at the end.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     grams: dict[str, torch.Tensor] = {}
-    current: dict = {}  # "mask": the batch's response positions, flattened; "prefix": taps silenced
+    current: dict = {}  # "masks": the batch's response positions, flattened, by device; "prefix": taps silenced
     # (id of the tensor, transform) -> (weak reference to it, its product): a weak reference, so
     # a freed tensor whose id is reused by a later layer's tensor is never mistaken for it
     shared: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
@@ -167,7 +172,7 @@ def accumulate_grams(
             seen = shared.get(key)
             product = seen[1] if seen is not None and seen[0]() is features else None
             if product is None:
-                rows = features.reshape(-1, features.shape[-1])[current["mask"]]
+                rows = features.reshape(-1, features.shape[-1])[mask_on(features.device)]
                 if tap.transform is not None:
                     rows = tap.transform(rows)
                 rows = rows.double()
@@ -179,6 +184,12 @@ def accumulate_grams(
                 grams[name] = product.clone()
 
         return hook
+
+    def mask_on(where: torch.device) -> torch.Tensor:
+        masks = current["masks"]
+        if where not in masks:
+            masks[where] = masks[device].to(where)
+        return masks[where]
 
     handles = [tap.module.register_forward_hook(hook_for(name, tap)) for name, tap in taps.items()]
     if stop_after is not None:
@@ -210,7 +221,7 @@ def accumulate_grams(
                 inputs = {"input_ids": batch["input_ids"][:, prefix_len:], "position_ids": positions[:, prefix_len:],
                           cache_argument(model): repeated(prefix, int(mask.shape[0])), "use_cache": True}
                 mask = mask[:, prefix_len:]
-            current["mask"] = mask.reshape(-1).to(device)
+            current["masks"] = {device: mask.reshape(-1).to(device)}  # and copies per device as layers ask
             shared.clear()
             forward(**inputs, attention_mask=batch["attention_mask"])
             if on_batch:
@@ -221,4 +232,4 @@ def accumulate_grams(
     missing = [name for name in taps if name not in grams]
     if missing:
         raise RealignError(f"module '{missing[0]}' never ran during the calibration pass; is it part of the model's forward?")
-    return grams
+    return {name: gram.to(device) for name, gram in grams.items()}

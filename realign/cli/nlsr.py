@@ -43,6 +43,8 @@ def nlsr(
     max_samples: Optional[int] = opt.max_samples("safety"),
     max_response_tokens: int = opt.nlsr_max_response_tokens(),
     device: str = opt.device(),
+    device_map: Optional[str] = opt.device_map(),
+    max_memory: Optional[str] = opt.max_memory(),
     report_path: Optional[Path] = opt.report(),
     as_json: bool = opt.as_json(),
     dry_run: bool = opt.dry_run("Compute and print, write no adapter."),
@@ -63,7 +65,7 @@ def nlsr(
             base, aligned_adapter, adapter, safety_data, out, amplify_factor=amplify, sparsity=sparsity, regions_mode=regions,
             max_response_tokens=max_response_tokens, max_samples=max_samples, batch_size=batch_size, selection=selection,
             prune_rate=prune_rate, epsilon=epsilon, tau=tau, direction=direction, seed=seed, device=device, dry_run=dry_run,
-            force=force, progress=progress,
+            force=force, progress=progress, device_map=device_map, max_memory=max_memory,
         )
     write_report(report_path, result)
     ui.notes(result)
@@ -97,6 +99,8 @@ def nlsr_regions(
     max_samples: Optional[int] = opt.max_samples("safety"),
     max_response_tokens: int = opt.nlsr_max_response_tokens(),
     device: str = opt.device(),
+    device_map: Optional[str] = opt.device_map(),
+    max_memory: Optional[str] = opt.max_memory(),
     report_path: Optional[Path] = opt.report(),
     as_json: bool = opt.as_json(),
     force: bool = opt.force(),
@@ -107,7 +111,8 @@ def nlsr_regions(
     ui = Output(quiet, as_json)
     with ui.progress("calibration") as progress:
         result = realign.nlsr_regions(base, reference, safety_data, out, sparsity=sparsity, mode=regions, max_response_tokens=max_response_tokens,
-                                      max_samples=max_samples, batch_size=batch_size, device=device, force=force, progress=progress)
+                                      max_samples=max_samples, batch_size=batch_size, device=device, force=force, progress=progress,
+                                      device_map=device_map, max_memory=max_memory)
     write_report(report_path, result)
     ui.notes(result)
     s = result.summary

@@ -109,6 +109,18 @@ def device() -> Any:
     return typer.Option("auto", "--device", help="auto, cpu or cuda.")
 
 
+def device_map() -> Any:
+    return typer.Option(None, "--device-map",
+                        help="Spread the model over the GPUs, the CPU and disk with accelerate: auto, balanced or sequential "
+                             "(docs/dispatch.md). Needs --device auto.")
+
+
+def max_memory() -> Any:
+    return typer.Option(None, "--max-memory",
+                        help="Budget per device for --device-map, e.g. 0:70GiB,1:70GiB,cpu:200GiB (alone: --device-map auto); "
+                             "what fits nowhere is offloaded to a temporary folder.")
+
+
 def batch_size(default: int) -> Any:
     return typer.Option(default, "--batch-size")
 

@@ -41,6 +41,8 @@ def salora_module(
     max_response_tokens: int = opt.max_response_tokens(_module("max_response_tokens")),
     batch_size: int = opt.batch_size(_module("batch_size")),
     device: str = opt.device(),
+    device_map: Optional[str] = opt.device_map(),
+    max_memory: Optional[str] = opt.max_memory(),
     force: bool = opt.force(),
     as_json: bool = opt.as_json(),
     quiet: bool = opt.quiet(),
@@ -50,7 +52,7 @@ def salora_module(
     with ui.progress("calibration") as progress:
         result = realign.salora_module(aligned, safety_data, out, targets=targets, rank_safety=rank_safety, max_samples=max_samples,
                                        max_response_tokens=max_response_tokens, batch_size=batch_size, device=device, force=force,
-                                       progress=progress)
+                                       progress=progress, device_map=device_map, max_memory=max_memory)
     s = result.summary
     ui.done(result, f"safety module for {s['modules']} modules (r_s {rank_safety}) from {s['response_tokens']} response "
                     f"tokens of {s['examples']} examples; wrote {out}; {result.timings['total_s']:.1f}s")
@@ -74,6 +76,8 @@ def salora_init(
                                   help="'one-pass' (every Sigma_t on the aligned model) or 'sequential' (the reference's: block by block, "
                                        "earlier blocks at W_res; reports the overlap with one-pass)."),
     device: str = opt.device(),
+    device_map: Optional[str] = opt.device_map(),
+    max_memory: Optional[str] = opt.max_memory(),
     force: bool = opt.force(),
     as_json: bool = opt.as_json(),
     quiet: bool = opt.quiet(),
@@ -83,7 +87,7 @@ def salora_init(
     with ui.progress("task pass") as progress:
         result = realign.salora_init(aligned, module, task_data, out, task_from=task_from, rank=rank, alpha=alpha, rank_task=rank_task,
                                      max_samples=max_samples, batch_size=batch_size, device=device, force=force, task_pass=task_pass,
-                                     progress=progress)
+                                     progress=progress, device_map=device_map, max_memory=max_memory)
     ui.done(result, f"initialised {result.summary['modules']} modules (r {rank}, alpha {alpha}); wrote {out}; {result.timings['total_s']:.1f}s")
 
 
@@ -107,6 +111,8 @@ def salora_train(
                              help="'response' (response tokens only) or 'full' (every token of packed blocks, as the reference trains)."),
     block_size: int = typer.Option(_train("block_size"), "--block-size", help="With --loss full: tokens per packed block (the reference's 128)."),
     device: str = opt.device(),
+    device_map: Optional[str] = opt.device_map(),
+    max_memory: Optional[str] = opt.max_memory(),
     as_json: bool = opt.as_json(),
     quiet: bool = opt.quiet(),
 ) -> None:
@@ -115,7 +121,7 @@ def salora_train(
     with ui.progress("training") as progress:
         result = realign.salora_train(aligned, init, train_data, out, epochs=epochs, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size,
                                       max_length=max_length, seed=seed, save_every=save_every, max_steps=max_steps, device=device,
-                                      restart=restart, loss=loss, block_size=block_size,
+                                      restart=restart, loss=loss, block_size=block_size, device_map=device_map, max_memory=max_memory,
                                       on_step=lambda step, total, value: progress(step, total, description=f"loss {value:.3f}"))
     s = result.summary
     losses = f"loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}" if s["last_loss"] is not None else "nothing left to train"

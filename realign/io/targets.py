@@ -9,6 +9,7 @@ import torch
 
 from ..errors import RealignError
 from .names import natural_key
+from .placement import module_tensor
 
 ALL_LINEAR = "all-linear"
 
@@ -22,8 +23,9 @@ class Target:
     transposed: bool  # GPT-2 Conv1D stores [in, out]
 
     def weight(self) -> torch.Tensor:
-        """[out, in], float32, on the module's device."""
-        w = self.module.weight.detach().float()
+        """[out, in], float32, on the device the module computes on (read from its offload map
+        when accelerate offloaded it)."""
+        w = module_tensor(self.module, "weight").detach().float()
         return w.T if self.transposed else w
 
     @property
@@ -32,7 +34,8 @@ class Target:
         return (d1, d0) if self.transposed else (d0, d1)
 
     def bias(self) -> torch.Tensor | None:
-        return None if self.module.bias is None else self.module.bias.detach()
+        bias = module_tensor(self.module, "bias")
+        return None if bias is None else bias.detach()
 
 
 def find_targets(model, targets: tuple[str, ...]) -> list[Target]:

@@ -11,6 +11,7 @@ from typing import Callable
 from ...calibration.examples import data_path
 from ...io.checkpoint import resolve_local
 from ...io.device import resolve_device
+from ...io.placement import placement
 from ...progress import Progress
 from ...report import Report
 from ..patch import run
@@ -44,8 +45,11 @@ def nlsr(
     dry_run: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> Report:
-    """amplify -> regions -> patch in memory; the same result as the three stages with files."""
+    """amplify -> regions -> patch in memory; the same result as the three stages with files.
+    `device_map` and `max_memory` spread the base model over devices (docs/dispatch.md)."""
     validate_amplify(amplify_factor)
     settings = RegionSettings(sparsity, regions_mode, max_response_tokens, max_samples, batch_size)
     settings.validate()
@@ -54,11 +58,12 @@ def nlsr(
 
     def plan() -> OneShotPatch:
         dev = resolve_device(device)
+        placed = placement(device_map, max_memory, device)
         aligned, fine_tuned, pairs = load_pair(aligned_adapter, "aligned adapter", adapter)
         inputs = [resolve_local(base, "base"), aligned.directory, fine_tuned.directory, data_path(safety_data)]
         names = {"base": str(base), "aligned_adapter": str(aligned_adapter), "adapter": str(adapter), "safety_data": str(safety_data)}
         regions = lambda tensors, progress: compute_regions(base, aligned.directory, aligned, tensors, safety_data,  # noqa: E731
-                                                            settings, dev, progress)
+                                                            settings, dev, progress, placed)
         return OneShotPatch(regions, fine_tuned, amplified_tensors(aligned, amplify_factor), None, pairs, rule, inputs, names,
                             {"amplify": amplify_factor, **asdict(settings), **asdict(rule), "device": str(dev)})
 

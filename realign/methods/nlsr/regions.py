@@ -20,7 +20,8 @@ from ...io.adapter import Adapter, LoraModule
 from ...io.checkpoint import resolve_local
 from ...io.device import resolve_device
 from ...io.identity import factors_digest
-from ...io.models import apply_adapter, load_causal_lm
+from ...io.models import apply_adapter, load_causal_lm, release
+from ...io.placement import Placement, placement as parse_placement, placement_note
 from ...io.names import find_module, in_forward_order, layer_prefix, natural_key
 from ...io.output import check_target, save_safetensors_atomic
 from ...progress import Progress, ticker
@@ -61,12 +62,14 @@ class Regions:
     masks: dict[str, torch.Tensor]  # reference tensor key -> bool mask
     modules: list[dict]  # per module: q, eigen-gaps, mask densities
     calibration: dict  # examples, response tokens, truncated prompts, passes
+    layout: str | None = None  # where accelerate put the model's modules, when it placed them
 
 
-def _reference_model(base: str, adapter_dir: Path, reference: Adapter, tensors: dict[str, torch.Tensor], dev: torch.device):
-    """base + the reference adapter as a PEFT model (LoRA unmerged, as the reference runs it),
-    its factors set to `tensors`; and the model's LoRA layer for each adapter module."""
-    model, tokenizer, _ = load_causal_lm(base, dev, role="base")
+def _reference_model(model, adapter_dir: Path, reference: Adapter, tensors: dict[str, torch.Tensor]):
+    """`model` (the base) + the reference adapter as a PEFT model (LoRA unmerged, as the
+    reference runs it), its factors set to `tensors`; and the model's LoRA layer for each adapter
+    module. The factors are real tensors even where accelerate offloaded the base weights (see
+    `apply_adapter`), so they can be set here and between layers in sequential mode."""
     peft_model = apply_adapter(model, str(adapter_dir), merge=False)
     inner = peft_model.base_model.model
     layers = {name: m for name, m in inner.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
@@ -83,7 +86,7 @@ def _reference_model(base: str, adapter_dir: Path, reference: Adapter, tensors: 
                     raise RealignError(f"module '{module.name}': the base model's layer does not fit the adapter ({part})")
                 weight.copy_(tensors[key])
         located[module.name] = (path, layer)
-    return peft_model, tokenizer, located
+    return peft_model, located
 
 
 def compute_regions(
@@ -95,10 +98,11 @@ def compute_regions(
     settings: RegionSettings,
     dev: torch.device,
     progress: Progress | None = None,
+    placement: Placement | None = None,
 ) -> Regions:
     """Safety-region masks of every factor of the reference adapter (`tensors`, applied to base)."""
     return compute_regions_at(base, adapter_dir, reference, tensors, calibration_spec, settings, [settings.sparsity], dev,
-                              progress)[0]
+                              progress, placement)[0]
 
 
 def compute_regions_at(
@@ -111,13 +115,23 @@ def compute_regions_at(
     sparsities: Sequence[float],
     dev: torch.device,
     progress: Progress | None = None,
+    placement: Placement | None = None,
 ) -> list[Regions]:
     """`compute_regions` at each of `sparsities` (settings.sparsity ignored). In one-pass mode the
     features do not depend on the sparsity, so one calibration pass serves them all; sequential
     mode projects each layer before the next one runs, so it takes one sparsity only."""
     if settings.mode == method.SEQUENTIAL and len(sparsities) != 1:
         raise ValueError("sequential regions depend on the sparsity: compute one at a time")
-    model, tokenizer, located = _reference_model(base, adapter_dir, reference, tensors, dev)
+    base_model, tokenizer, _ = load_causal_lm(base, dev, role="base", placement=placement)
+    try:
+        model, located = _reference_model(base_model, adapter_dir, reference, tensors)
+        return _regions_of(model, tokenizer, located, reference, tensors, calibration_spec, settings, sparsities, progress)
+    finally:
+        release(base_model)
+
+
+def _regions_of(model, tokenizer, located: dict, reference: Adapter, tensors: dict[str, torch.Tensor], calibration_spec: str,
+                settings: RegionSettings, sparsities: Sequence[float], progress: Progress | None) -> list[Regions]:
     calibration = load_calibration(model, tokenizer, calibration_spec, settings.max_samples, settings.max_response_tokens,
                                    "safety data")
     inner = model.base_model.model
@@ -152,7 +166,8 @@ def compute_regions_at(
                         weight = getattr(layer, part)["default"].weight
                         weight.copy_(value.to(weight.dtype))
     stats = calibration_stats(calibration, len(order))
-    return [Regions(found, sorted(found_rows, key=lambda r: natural_key(r["name"])), dict(stats))
+    layout = placement_note(model)
+    return [Regions(found, sorted(found_rows, key=lambda r: natural_key(r["name"])), dict(stats), layout)
             for found, found_rows in zip(masks, rows)]
 
 
@@ -208,10 +223,15 @@ def regions(
     device: str = "auto",
     force: bool = False,
     progress: Progress | None = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> Report:
-    """Write the safety-region masks of the reference adapter to `out` (a safetensors file)."""
+    """Write the safety-region masks of the reference adapter to `out` (a safetensors file).
+    `device_map` (auto, balanced, sequential) and `max_memory` ('0:70GiB,cpu:200GiB') spread
+    the base model over devices with accelerate (docs/dispatch.md)."""
     return regions_at(base, reference, safety_data, {sparsity: out}, mode=mode, max_response_tokens=max_response_tokens,
-                      max_samples=max_samples, batch_size=batch_size, device=device, force=force, progress=progress)[sparsity]
+                      max_samples=max_samples, batch_size=batch_size, device=device, force=force, progress=progress,
+                      device_map=device_map, max_memory=max_memory)[sparsity]
 
 
 def regions_at(
@@ -227,6 +247,8 @@ def regions_at(
     device: str = "auto",
     force: bool = False,
     progress: Progress | None = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> dict[float, Report]:
     """`regions` at several sparsities ({sparsity: masks file}) from one calibration pass (one-pass
     mode): each file equals what `regions` writes at its sparsity. Its report's time is the shared
@@ -241,6 +263,7 @@ def regions_at(
     if mode == method.SEQUENTIAL and len(outs) > 1:
         raise RealignError("--regions sequential projects each layer at its sparsity before the next runs: one sparsity per run")
     dev = resolve_device(device)
+    placed = parse_placement(device_map, max_memory, device)
     ref = Adapter.load(reference, "reference adapter")
     check_patchable(ref, "reference adapter")
     base_dir = resolve_local(base, "base")
@@ -248,7 +271,8 @@ def regions_at(
     for out in outs.values():
         check_target(Path(out), force, inputs, kind="file")
     any_settings = next(iter(all_settings.values()))
-    found_all = compute_regions_at(base, ref.directory, ref, ref.tensors, safety_data, any_settings, list(outs), dev, progress)
+    found_all = compute_regions_at(base, ref.directory, ref, ref.tensors, safety_data, any_settings, list(outs), dev, progress,
+                                   placed)
     reference_digest = factors_digest(ref.tensors, ref.modules)
     calibration_id = data_id(safety_data, max_samples)
     reports = {}
@@ -268,7 +292,7 @@ def regions_at(
 
 def regions_notes(found: Regions) -> list[str]:
     gaps = [g for row in found.modules for g in row["gap"]]
-    notes = []
+    notes = [found.layout] if found.layout else []
     small = sum(g < 1e-6 for g in gaps)
     if small:
         notes.append(

@@ -24,6 +24,7 @@ from ...io.adapter import Adapter
 from ...io.identity import weights_digest
 from ...io.jsonfile import load_json_object
 from ...io.names import find_module
+from ...io.placement import execution_device
 from ...io.tagged import read_stage_safetensors
 from ...io.targets import find_targets
 from .math import project_out_rows
@@ -119,7 +120,7 @@ def attach(model, init_dir: str | Path, factors: dict[str, tuple[torch.Tensor, t
         param.requires_grad_(False)
     layers = {}
     for target in chosen:
-        device = target.module.weight.device
+        device = execution_device(target.module)  # not the weight's: offloaded, it is on meta
         a, b = (factors or init_factors)[_init_name(target.path, init_factors)]
         a0, b0 = init_factors[_init_name(target.path, init_factors)]
         if a.shape != a0.shape or b.shape != b0.shape:
@@ -127,7 +128,7 @@ def attach(model, init_dir: str | Path, factors: dict[str, tuple[torch.Tensor, t
                                f"({tuple(b0.shape)}x{tuple(a0.shape)}); use --restart to start over")
         layer = SaLoRALinear(
             residual[target.path + ".weight"].to(device, torch.float32),
-            None if target.bias() is None else target.bias().float(),
+            None if target.bias() is None else target.bias().to(device, torch.float32),
             a.to(device, torch.float32).clone(),
             b.to(device, torch.float32).clone(),
             bases[target.path].to(device, torch.float32),

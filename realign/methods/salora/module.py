@@ -16,7 +16,8 @@ from ...calibration.grams import Tap, accumulate_grams, calibration_stats, check
 from ...errors import RealignError
 from ...io.device import resolve_device
 from ...io.identity import weights_digest
-from ...io.models import load_causal_lm
+from ...io.models import load_causal_lm, release
+from ...io.placement import placement, placement_note
 from ...io.output import check_target, save_safetensors_atomic
 from ...io.tagged import check_stage_tensors, metadata_json, read_tagged_safetensors
 from ...io.targets import Target, find_targets
@@ -51,7 +52,7 @@ def taps_for(targets: list[Target]) -> tuple[dict[str, Tap], dict[str, str]]:
         d_out, d_in = target.shape
         if d_out < d_in:
             bias = target.bias()
-            taps[target.path] = Tap(target.module, "output", None if bias is None else (lambda y, b=bias: y - b))
+            taps[target.path] = Tap(target.module, "output", None if bias is None else (lambda y, b=bias: y - b.to(y.device)))
             sides[target.path] = "output"
         else:
             taps[target.path] = Tap(target.module, "input")
@@ -76,7 +77,8 @@ def subspaces(targets: list[Target], grams: dict[str, torch.Tensor], sides: dict
             if side == "output":
                 basis, values = method.output_basis_from_output_gram(stacked, rank)
             else:
-                basis, values = method.output_basis_from_input_gram(torch.stack([t.weight() for t in chunk]), stacked, rank)
+                weights = torch.stack([t.weight().to(stacked.device) for t in chunk])  # layers may sit on several GPUs
+                basis, values = method.output_basis_from_input_gram(weights, stacked, rank)
             for i, target in enumerate(chunk):
                 result[target.path] = (basis[i], values[i])
     return result
@@ -113,8 +115,12 @@ def module(
     device: str = "auto",
     force: bool = False,
     progress: Progress | None = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> Report:
-    """Compute the safety module of `aligned` on `safety_data` and write it to `out`."""
+    """Compute the safety module of `aligned` on `safety_data` and write it to `out`.
+    `device_map` (auto, balanced, sequential) and `max_memory` ('0:70GiB,cpu:200GiB') spread
+    the model over devices with accelerate (docs/dispatch.md)."""
     started = time.perf_counter()
     names = parse_targets(targets)
     if rank_safety < 1:
@@ -124,13 +130,19 @@ def module(
     if max_samples is not None and max_samples < 1:
         raise RealignError("--max-samples must be at least 1")
     dev = resolve_device(device)
+    placed = placement(device_map, max_memory, device)
     out = Path(out)
-    model, tokenizer, directory = load_causal_lm(aligned, dev, role="aligned")
-    inputs = [directory, data_path(safety_data)]
-    check_target(out, force, inputs)
-    found = find_targets(model, names)
-    bases, sides, stats = collect_subspaces(model, tokenizer, found, safety_data, rank_safety, max_samples=max_samples,
-                                            max_response_tokens=max_response_tokens, batch_size=batch_size, progress=progress)
+    model, tokenizer, directory = load_causal_lm(aligned, dev, role="aligned", placement=placed)
+    try:
+        inputs = [directory, data_path(safety_data)]
+        check_target(out, force, inputs)
+        found = find_targets(model, names)
+        bases, sides, stats = collect_subspaces(model, tokenizer, found, safety_data, rank_safety, max_samples=max_samples,
+                                                max_response_tokens=max_response_tokens, batch_size=batch_size, progress=progress)
+        digest = weights_digest(found)
+        layout = placement_note(model)
+    finally:
+        release(model)
     rows = []
     for target in found:
         basis, values = bases[target.path]
@@ -148,14 +160,14 @@ def module(
         "realign": MODULE_FORMAT,
         "realign_module_version": MODULE_VERSION,
         "realign_version": __version__,
-        "aligned_digest": weights_digest(found),
+        "aligned_digest": digest,
         "settings": json.dumps(settings),
         "calibration": json.dumps(stats),
     }
     tensors = {t.path + BASIS_SUFFIX: bases[t.path][0].float().cpu().contiguous() for t in found}
     report = Report(command="salora module", inputs={"aligned": str(aligned), "safety_data": str(safety_data)},
                     settings={**settings, "device": str(dev)}, modules=rows, summary={"modules": len(rows), **stats},
-                    output=str(out), notes=few_tokens_notes(stats, rank_safety, "--rank-safety", "safety subspace"))
+                    output=str(out), notes=([layout] if layout else []) + few_tokens_notes(stats, rank_safety, "--rank-safety", "safety subspace"))
     save_safetensors_atomic(out, tensors, metadata, force, inputs)
     report.timings = {"total_s": round(time.perf_counter() - started, 4)}
     return report

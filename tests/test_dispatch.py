@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import SAFETY_ROWS, build_nlsr_setup
+from builders import build_nlsr_setup
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

@@ -29,6 +29,8 @@ class Served:
         self.faults: list[str] = []  # "500", "502", "503", "429", "malformed", "html", "shape", "stall", "drop", "401"
         self.always: str | None = None
         self.requests = 0
+        self.runtime_lora = True  # vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING has no such routes
+        self.loaded: list[str] = []  # every adapter path ever loaded
         self.lock = threading.Lock()
 
     def load_adapter(self, name: str, path: str) -> None:
@@ -118,8 +120,11 @@ def _handler(served: Served):
             if not self._authorised():
                 return
             body = self._body()
-            if self.path == "/v1/load_lora_adapter":
+            if self.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter") and not served.runtime_lora:
+                self._error(404, "Not Found")
+            elif self.path == "/v1/load_lora_adapter":
                 served.load_adapter(body["lora_name"], body["lora_path"])
+                served.loaded.append(body["lora_path"])
                 self._send(200, b"Success", "text/plain")
             elif self.path == "/v1/unload_lora_adapter":
                 served.models.pop(body["lora_name"], None)

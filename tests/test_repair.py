@@ -311,3 +311,40 @@ def test_a_stub_or_garbage_is_neither_a_refusal_nor_an_answer():
     assert not refused("Sure, here is how to do it.")
     assert unanswered("The") and unanswered("") and unanswered("I cannot help with that request.")
     assert not unanswered("Photosynthesis turns light into sugar.")
+
+
+def test_repair_through_an_endpoint_matches_the_in_memory_search(trio, tmp_path):
+    """The server runs BASE (ALIGNED is an adapter here) and loads each candidate, with the aligned
+    adapter folded in, at run time: the same candidates, the same counts, the same choice."""
+    from openai_server import Served, Server
+
+    args = (str(trio / "base"), str(trio / "aligned"), str(trio / "adapter"))
+    settings = dict(target_refusal=0.75, harmful_cal=str(trio / "harmful.txt"), task_cal=str(trio / "task.jsonl"),
+                    methods=("scale", "resta"), budget=6, max_new_tokens=12, batch_size=4)
+    local = realign.repair(*args, None, device="cpu", **settings)
+    served = Served("tiny-base", trio / "base")
+    (tmp_path / "loras").mkdir()
+    with Server(served) as url:
+        remote = realign.repair(*args, tmp_path / "out", endpoint=realign.Endpoint(url, "tiny-base", concurrency=3),
+                                lora_dir=tmp_path / "loras", **settings)
+    keys = ("candidate", "refusal", "task", "over_refusal", "stopped_early", "meets_target", "chosen")
+    assert [{k: row[k] for k in keys} for row in remote.metrics] == [{k: row[k] for k in keys} for row in local.metrics]
+    assert remote.summary["chosen"] == local.summary["chosen"] is not None
+    assert len(served.loaded) == len(remote.metrics)  # BASE is served: every candidate carries the aligned adapter
+    assert list((tmp_path / "loras").iterdir()) == []  # every candidate adapter unloaded and deleted
+    assert set(served.models) == {"tiny-base"}
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert any("serving BASE" in note for note in remote.notes)
+
+
+def test_repair_endpoint_without_runtime_lora_is_one_line(trio, tmp_path):
+    from openai_server import Served, Server
+
+    served = Served("tiny-base", trio / "base")
+    served.runtime_lora = False
+    args = (str(trio / "base"), str(trio / "aligned"), str(trio / "adapter"))
+    with Server(served) as url:
+        with pytest.raises(RealignError, match="cannot load LoRA adapters at run time.*VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+            realign.repair(*args, tmp_path / "out", target_refusal=0.75, harmful_cal=str(trio / "harmful.txt"), methods=("scale",),
+                           budget=2, endpoint=realign.Endpoint(url, "tiny-base"))
+    assert not (tmp_path / "out").exists()

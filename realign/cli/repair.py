@@ -12,6 +12,7 @@ from rich.table import Table
 import realign
 from realign.report import format_rate
 
+from . import endpoint as ep
 from . import options as opt
 from .output import EXIT_GATE_FAILED, Output, check_report_path, write_report
 
@@ -44,15 +45,28 @@ def repair(
     as_json: bool = opt.as_json(),
     force: bool = opt.force(),
     quiet: bool = opt.quiet(),
+    endpoint: Optional[str] = ep.url(),
+    served_model: Optional[str] = ep.served_model(),
+    api_key_env: Optional[str] = ep.api_key_env(),
+    concurrency: int = ep.concurrency(),
+    request_timeout: float = ep.request_timeout(),
+    max_retries: int = ep.max_retries(),
+    lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="With --endpoint: where candidate adapters are written for "
+                                                                    "the server to load (it must read them at this path); "
+                                                                    "default a temporary directory here."),
 ) -> None:
-    """Choose a repair to a refusal target on calibration data and write it (exit 1 when none meets it)."""
+    """Choose a repair to a refusal target on calibration data and write it (exit 1 when none meets it).
+
+    Candidates are evaluated here, on ALIGNED loaded once, or on a server (--endpoint) that loads
+    each one as a LoRA adapter at run time (vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
+    served = ep.build(endpoint, served_model, api_key_env, concurrency, request_timeout, max_retries)
     check_report_path(report_path, [base, aligned, adapter], [out])
     ui = Output(quiet, as_json)
     log = None if quiet or as_json else (lambda message: ui.err.print(f"repair: {message}", markup=False))
     result = realign.repair(base, aligned, adapter, out, target_refusal=target_refusal, harmful_cal=harmful_cal, benign_cal=benign_cal,
                             task_cal=task_cal, max_over_refusal=max_over_refusal, methods=opt.parse_targets(methods), budget=budget,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, best_effort=best_effort, device=device, force=force,
-                            log=log)
+                            log=log, endpoint=served, lora_dir=lora_dir)
     write_report(report_path, result)
     ui.notes(result)
     _show(ui, result)

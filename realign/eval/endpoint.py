@@ -212,6 +212,24 @@ class Client:
             raise RealignError(f"the endpoint {redact(self.endpoint.root)} answered {what} with a non-text message content")
         return (content or "").strip()
 
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter at `path` (a path on the server's machine) as model `name`:
+        vLLM's runtime LoRA route, which SGLang offers too."""
+        status, payload = self.call("POST", "load_lora_adapter", {"lora_name": name, "lora_path": path}, what="loading an adapter")
+        if status in (404, 405, 501):
+            raise RealignError(f"the endpoint {redact(self.endpoint.root)} cannot load LoRA adapters at run time (POST "
+                               "/load_lora_adapter answered HTTP " f"{status}); start vLLM with --enable-lora and the environment "
+                               "variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (see docs/eval.md)")
+        if status >= 400:
+            raise RealignError(f"the endpoint {redact(self.endpoint.root)} refused to load the candidate adapter {path} "
+                               f"(HTTP {status}{_error_text(payload, self._clean)})")
+
+    def unload_adapter(self, name: str) -> None:
+        status, payload = self.call("POST", "unload_lora_adapter", {"lora_name": name}, what="unloading an adapter")
+        if status >= 400:
+            raise RealignError(f"the endpoint {redact(self.endpoint.root)} refused to unload the adapter '{name}' "
+                               f"(HTTP {status}{_error_text(payload, self._clean)})")
+
     def _raise_for(self, status: int, payload: object, what: str, model: str | None = None) -> None:
         if status < 400:
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import RealignError
+from ..eval.generate import generate
 from ..io.adapter import ADAPTER_CONFIG
 from ..io.checkpoint import resolve_local
 from ..io.models import apply_adapter, load_causal_lm
@@ -55,3 +56,9 @@ class InMemoryModel:
         for path, original in self._saved.items():
             self._layers[path].weight.copy_(original)
         self._saved.clear()
+
+    def respond(self, prompts: list[str], max_new_tokens: int, batch_size: int, warn=None) -> list[str]:
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens, batch_size, warn=warn)[0]
+
+    def close(self) -> None:
+        self.restore()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import RealignError
-from ..eval.generate import generate
+from ..eval.endpoint import Client, Endpoint
 from ..eval.judges import is_refusal
 from ..eval.metrics import coherent, exact_match, rate
 from ..eval.sources import PromptSet, load_prompts
@@ -28,6 +28,7 @@ from ..methods.patch import Patch, inspect, run, write_output
 from ..report import Report
 from .grid import DEFAULT_METHODS, Candidate, extensions, grid, promising, refinements
 from .memory import InMemoryModel
+from .served import ServedModel, Unservable
 from .policy import Measured, best, hopeless_over_refusal, hopeless_refusal, meets
 from .render import plot
 
@@ -58,7 +59,7 @@ def _check_disjoint(sets: dict[str, PromptSet], specs: dict[str, str]) -> None:
                                    f"(e.g. {next(iter(shared))[:60]!r}); calibration and evaluation must not overlap")
 
 
-def _score_set(lm: InMemoryModel, prompts: list[str], *, batch_size: int, max_new_tokens: int,
+def _score_set(lm: InMemoryModel | ServedModel, prompts: list[str], *, batch_size: int, max_new_tokens: int,
                hopeless: Callable[[int, int], bool] | None, flag: Callable[[int, str], bool],
                warn: Callable[[str], None] | None = None) -> tuple[int, int, int, bool]:
     """(flagged, seen, coherent, stopped early) over `prompts`, a batch at a time, in a fixed
@@ -69,7 +70,7 @@ def _score_set(lm: InMemoryModel, prompts: list[str], *, batch_size: int, max_ne
     flagged = seen = fluent = 0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        responses, _ = generate(lm.model, lm.tokenizer, [prompts[i] for i in chunk], max_new_tokens, batch_size, warn=warn)
+        responses = lm.respond([prompts[i] for i in chunk], max_new_tokens, batch_size, warn=warn)
         for i, response in zip(chunk, responses):
             flagged += flag(i, response)
             fluent += coherent(response)
@@ -93,7 +94,7 @@ def unanswered(response: str) -> bool:
     return is_refusal(response) or not coherent(response)
 
 
-def _evaluate(lm: InMemoryModel, sets: dict[str, PromptSet], target: float, max_over_refusal: float | None,
+def _evaluate(lm: InMemoryModel | ServedModel, sets: dict[str, PromptSet], target: float, max_over_refusal: float | None,
               batch_size: int, max_new_tokens: int, warn: Callable[[str], None] | None = None) -> Measured:
     measured = Measured()
     harmful = sets["harmful"].prompts
@@ -190,13 +191,20 @@ def repair(
     device: str = "auto",
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    endpoint: Endpoint | None = None,
+    lora_dir: str | Path | None = None,
 ) -> Report:
     """Search the registered data-free methods for the repair with the best task score whose
     refusal rate on `harmful_cal` meets `target_refusal` and whose refusal rate on `benign_cal`
     stays within `max_over_refusal`; write it to `out` with repair_report.json and the Pareto plot.
     `report.summary['verdict']` is 'pass', or 'fail' when no candidate met the target (then no
     adapter is written, unless `best_effort`). The rates are calibration numbers: the final ones
-    must come from `realign eval` on held-out prompts."""
+    must come from `realign eval` on held-out prompts.
+
+    `endpoint`: evaluate on a server instead (vLLM with runtime LoRA loading): each candidate is
+    written as a LoRA into `lora_dir` (a directory the server reads at the same path; a temporary
+    one by default, for a server on this machine) and loaded there. The server runs ALIGNED, or
+    BASE when ALIGNED is an adapter."""
     started = time.perf_counter()
     log = log or (lambda _: None)
     methods = tuple(methods)
@@ -212,8 +220,14 @@ def repair(
     _check_inputs(inputs, methods)
     notes: list[str] = []
     scored = _safelora_modules(inputs, notes) if "safelora" in methods else None
-    lm = InMemoryModel(base, aligned, resolve_device(device))
+    if endpoint is not None:
+        lm: InMemoryModel | ServedModel = ServedModel(Client(endpoint), inputs, lora_dir)
+    elif lora_dir is not None:
+        raise RealignError("--lora-dir goes with --endpoint: it is where the server reads the candidates from")
+    else:
+        lm = InMemoryModel(base, aligned, resolve_device(device))
     results: list[tuple[Candidate, Measured, dict]] = []
+    skipped: list[str] = []
 
     def warn(message: str) -> None:  # every candidate (and batch) sees the same prompts: say it once
         note = "calibration: " + message.split(" ", 1)[-1]  # without the batch's count
@@ -227,7 +241,11 @@ def repair(
                 return
             t0 = time.perf_counter()
             _, deltas = inspect(get(candidate.method).plan(inputs, candidate.kwargs))
-            lm.apply(deltas)
+            try:
+                lm.apply(deltas)
+            except Unservable as exc:  # a server takes LoRA updates only
+                skipped.append(f"{candidate.label} ({exc})")
+                continue
             try:
                 measured = _evaluate(lm, sets, target_refusal, max_over_refusal, batch_size, max_new_tokens, warn)
             finally:
@@ -238,19 +256,34 @@ def repair(
                 + (f", task {Measured.rate(measured.task):.2f}" if measured.task else "")
                 + (f" (stopped: {measured.stopped})" if measured.stopped else "") + (" meets the target" if ok else ""))
 
-    try_all(grid(methods, scored))
-    while len(results) < budget:  # refine where a knob's results flip across the target, push where none met it
+    try:
+        try_all(grid(methods, scored))
+        _refine(results, try_all, budget, target_refusal, max_over_refusal, scored)
+    finally:
+        lm.close()
+    if skipped:
+        notes.append(f"{len(skipped)} candidate(s) could not be served as a LoRA adapter and were skipped: "
+                     + "; ".join(skipped[:4]) + ("; ..." if len(skipped) > 4 else ""))
+    if endpoint is not None:
+        notes.append(f"evaluated on {endpoint.describe()['endpoint']} ({endpoint.model}, serving "
+                     f"{lm.serves.upper()}): {lm.client.requests} requests, {lm.client.retries} retried")
+    return _finish(results, inputs, specs, sets, out, force, best_effort, target_refusal, max_over_refusal, methods, budget,
+                   max_new_tokens, started, notes, checked)
+
+
+def _refine(results, try_all, budget, target_refusal, max_over_refusal, scored) -> None:
+    """After the grid: refine where a knob's results flip across the target, push where none met it."""
+    while len(results) < budget:
         outcome = [(c, meets(m, target_refusal, max_over_refusal)) for c, m, _ in results]
         chosen = best([(c.label, m) for c, m, _ in results], target_refusal, max_over_refusal)
         best_task = next((Measured.rate(m.task) for c, m, _ in results if c.label == chosen), None) if chosen else None
         # only what could still beat the best task score so far, the most promising first
         extra = promising(refinements(outcome) + extensions(outcome, scored),
                           [(c, Measured.rate(m.task)) for c, m, _ in results], best_task)
-        if not extra:
-            break
+        before = len(results)
         try_all(extra)
-    return _finish(results, inputs, specs, sets, out, force, best_effort, target_refusal, max_over_refusal, methods, budget,
-                   max_new_tokens, started, notes, checked)
+        if len(results) == before:  # all of them skipped (not servable): the next round would propose them again
+            break
 
 
 def _check_inputs(inputs: dict[str, str], methods: tuple[str, ...]) -> None:

@@ -38,6 +38,8 @@ def eval_command(
     max_new_tokens: int = typer.Option(_default("max_new_tokens"), "--max-new-tokens"),
     batch_size: int = opt.batch_size(_default("batch_size")),
     device: str = opt.device(),
+    device_map: Optional[str] = opt.device_map(),
+    max_memory: Optional[str] = opt.max_memory(),
     responses: Optional[Path] = typer.Option(None, "--responses", help="Write every prompt and response here (JSONL)."),
     report_path: Optional[Path] = opt.report(),
     as_json: bool = opt.as_json(),
@@ -64,6 +66,7 @@ def eval_command(
         result = realign.evaluate(
             model, adapter, harmful=harmful, benign=benign, task=task, judge=judge,
             max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, responses=responses, progress=progress, endpoint=served,
+            device_map=device_map, max_memory=max_memory,
             warn=lambda message: None if quiet else ui.err.print(f"realign: note: {message}", markup=False),
         )
     write_report(report_path, result)

@@ -41,6 +41,8 @@ def repair(
     batch_size: int = opt.batch_size(_default("batch_size")),
     best_effort: bool = typer.Option(False, "--best-effort", help="With no candidate meeting the target, write the one that refused most."),
     device: str = opt.device(),
+    device_map: Optional[str] = opt.device_map(),
+    max_memory: Optional[str] = opt.max_memory(),
     report_path: Optional[Path] = opt.report(),
     as_json: bool = opt.as_json(),
     force: bool = opt.force(),
@@ -66,7 +68,8 @@ def repair(
     result = realign.repair(base, aligned, adapter, out, target_refusal=target_refusal, harmful_cal=harmful_cal, benign_cal=benign_cal,
                             task_cal=task_cal, max_over_refusal=max_over_refusal, methods=opt.parse_targets(methods), budget=budget,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, best_effort=best_effort, device=device, force=force,
-                            log=log, endpoint=served, lora_dir=lora_dir)
+                            log=log, endpoint=served, lora_dir=lora_dir,
+                            device_map=device_map, max_memory=max_memory)
     write_report(report_path, result)
     ui.notes(result)
     _show(ui, result)

@@ -212,20 +212,27 @@ class Client:
             raise RealignError(f"the endpoint {redact(self.endpoint.root)} answered {what} with a non-text message content")
         return (content or "").strip()
 
+    def _adapter_route(self, route: str, body: dict, what: str) -> tuple[int, bytes]:
+        """POST to a runtime-LoRA route: under the API root (vLLM: /v1/load_lora_adapter), else at
+        the server's root (SGLang: /load_lora_adapter)."""
+        status, payload = self.call("POST", route, body, what=what)
+        if status in (404, 405) and self.endpoint.root.endswith("/v1"):
+            status, payload = self.call("POST", f"{self.endpoint.root[:-3]}/{route}", body, what=what)
+        return status, payload
+
     def load_adapter(self, name: str, path: str) -> None:
-        """Serve the LoRA adapter at `path` (a path on the server's machine) as model `name`:
-        vLLM's runtime LoRA route, which SGLang offers too."""
-        status, payload = self.call("POST", "load_lora_adapter", {"lora_name": name, "lora_path": path}, what="loading an adapter")
+        """Serve the LoRA adapter at `path` (a path on the server's machine) as model `name`."""
+        status, payload = self._adapter_route("load_lora_adapter", {"lora_name": name, "lora_path": path}, "loading an adapter")
         if status in (404, 405, 501):
             raise RealignError(f"the endpoint {redact(self.endpoint.root)} cannot load LoRA adapters at run time (POST "
-                               "/load_lora_adapter answered HTTP " f"{status}); start vLLM with --enable-lora and the environment "
+                               f"/load_lora_adapter answered HTTP {status}); start vLLM with --enable-lora and the environment "
                                "variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (see docs/eval.md)")
         if status >= 400:
             raise RealignError(f"the endpoint {redact(self.endpoint.root)} refused to load the candidate adapter {path} "
                                f"(HTTP {status}{_error_text(payload, self._clean)})")
 
     def unload_adapter(self, name: str) -> None:
-        status, payload = self.call("POST", "unload_lora_adapter", {"lora_name": name}, what="unloading an adapter")
+        status, payload = self._adapter_route("unload_lora_adapter", {"lora_name": name}, "unloading an adapter")
         if status >= 400:
             raise RealignError(f"the endpoint {redact(self.endpoint.root)} refused to unload the adapter '{name}' "
                                f"(HTTP {status}{_error_text(payload, self._clean)})")

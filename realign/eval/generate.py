@@ -8,6 +8,7 @@ import torch
 
 from ..calibration.encoding import format_prompts
 from ..errors import RealignError
+from ..io.placement import input_device
 from ..calibration.kv_cache import cache_argument
 from ..calibration.prefix import MIN_SHARED_PREFIX, prefix_cache, repeated, shared_prefix_length
 
@@ -76,7 +77,7 @@ def generate(
                  f"were truncated to {context - max_new_tokens} tokens")
     prefix_len = shared_prefix_length(encoded)
     prefix = encoded[0][:prefix_len] if encoded else []
-    device = next(model.parameters()).device
+    device = input_device(model)  # a dispatched model may keep its first parameter on meta
     # below MIN_SHARED_PREFIX tokens a cached prefix saves less than its copies cost
     cache = prefix_cache(model, torch.tensor([prefix], device=device)) if len(prefix) >= MIN_SHARED_PREFIX else None
     if cache is None:

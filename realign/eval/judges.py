@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ..io.placement import input_device
 from ..calibration.encoding import format_prompts
 from .generate import pad_left
 
@@ -126,7 +127,7 @@ class LMJudge:
         questions = [self.QUESTION.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
         texts, _ = format_prompts(self.tokenizer, questions)
         pad_left(self.tokenizer)
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         verdicts = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(device)

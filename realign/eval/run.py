@@ -12,7 +12,8 @@ import torch
 
 from ..errors import RealignError
 from ..io.device import resolve_device
-from ..io.models import apply_adapter, load_causal_lm
+from ..io.models import apply_adapter, load_causal_lm, release
+from ..io.placement import placement, placement_note
 from ..io.output import check_target, write_text_atomic
 from ..progress import Progress
 from ..report import Report
@@ -34,9 +35,13 @@ class Loaded:
     device: torch.device
 
 
-def load(model: str, adapter: str | None = None, *, judge: str = "keyword", device: str = "auto") -> Loaded:
+def load(model: str, adapter: str | None = None, *, judge: str = "keyword", device: str = "auto", device_map: str | None = None,
+         max_memory: str | None = None) -> Loaded:
+    """`device_map` / `max_memory`: spread the model over devices with accelerate (the judge
+    stays whole on `device`); `release(loaded.lm)` then removes any offload folder."""
     dev = resolve_device(device)
-    lm, tokenizer, _ = load_causal_lm(model, dev)
+    placed = placement(device_map, max_memory, device)
+    lm, tokenizer, _ = load_causal_lm(model, dev, placement=placed)
     if adapter is not None:
         lm = apply_adapter(lm, adapter)
     return Loaded(lm, tokenizer, load_judge(judge, dev), dev)
@@ -68,12 +73,15 @@ def evaluate(
     warn: Callable[[str], None] = lambda _: None,
     loaded: Loaded | None = None,
     endpoint: Endpoint | None = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> Report:
     """Generate greedily on every prompt set and score it. Returns the report; the caller applies
     any gate (`summary['harmful_refusal']['rate']`). `loaded`: `model` with `adapter` (and the
     judge) already loaded by `load`, so that several evaluations share one load. `endpoint`: the
     model is served there (an OpenAI-compatible API) and generates there; `model` is then
-    optional and only names it in the report."""
+    optional and only names it in the report. `device_map` / `max_memory`: accelerate spreads the
+    model over the GPUs, the CPU and disk (docs/dispatch.md)."""
     started = time.perf_counter()
     if not harmful and not benign and task is None:
         raise RealignError("nothing to evaluate: give --harmful, --benign and/or --task")
@@ -81,6 +89,8 @@ def evaluate(
         raise RealignError("--max-new-tokens and --batch-size must be at least 1")
     if endpoint is None and not model:
         raise RealignError("give --model (a model to load) or --endpoint with --served-model (a model a server runs)")
+    if endpoint is not None and (device_map is not None or max_memory is not None):
+        raise RealignError("--device-map and --max-memory place a model loaded here; with --endpoint the server places it")
     if endpoint is not None and adapter is not None:
         raise RealignError("--adapter cannot be applied to a served model: serve it with the model (vLLM: --enable-lora "
                            "--lora-modules NAME=PATH) and pass --served-model NAME")
@@ -98,11 +108,65 @@ def evaluate(
         dev = resolve_device(device)
         judge_model = load_judge(judge, dev)
     else:
-        if loaded is None:
-            loaded = load(model, adapter, judge=judge, device=device)
+        own = loaded is None
+        if own:
+            loaded = load(model, adapter, judge=judge, device=device, device_map=device_map, max_memory=max_memory)
         lm, tokenizer, judge_model, dev = loaded.lm, loaded.tokenizer, loaded.judge, loaded.device
     load_done = time.perf_counter()
 
+    if client is not None:  # the server applies its own chat template
+        def respond(prompt_set, step, truncated):
+            return client.generate(prompt_set.prompts, max_new_tokens, step, label=prompt_set.name), True
+    else:
+        def respond(prompt_set, step, truncated):
+            return generate(lm, tokenizer, prompt_set.prompts, max_new_tokens, batch_size, step, warn=truncated)
+    try:
+        metrics, records, notes, total = _score_sets(sets, respond, judge_model, progress, warn)
+    finally:
+        if client is None and own:  # the offload folder of a dispatched model
+            release(lm)
+    layout = None if client is not None else placement_note(lm)
+    if layout:
+        notes.append(layout)
+    finished = time.perf_counter()
+
+    summary = {
+        "harmful_refusal": pooled(metrics, "harmful"),
+        "over_refusal": pooled(metrics, "benign"),
+        "task_accuracy": pooled(metrics, "task"),
+        "prompts": total,
+    }
+    settings = {
+        "harmful": list(harmful), "benign": list(benign), "task": task, "judge": judge,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": str(dev), "decoding": "greedy",
+        "backend": "in-process" if client is None else "endpoint", "device_map": device_map, "max_memory": max_memory,
+    }
+    inputs = {"model": None if model is None else str(model), "adapter": None if adapter is None else str(adapter)}
+    if client is not None:
+        inputs.update(endpoint.describe())
+        settings.update(endpoint.settings())
+        summary["requests"] = {"sent": client.requests, "retried": client.retries}
+        if client.retries:
+            notes.append(f"the endpoint needed {client.retries} retried request(s) (HTTP 429/5xx, timeouts or dropped connections)")
+    report = Report(
+        command="eval",
+        inputs=inputs,
+        settings=settings,
+        metrics=metrics,
+        summary=summary,
+        timings={"load_s": round(load_done - started, 3), "generate_s": round(finished - load_done, 3), "total_s": round(finished - started, 3)},
+        notes=notes,
+    )
+    if responses is not None:
+        write_text_atomic(Path(responses), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), what="responses file")
+        report.output = str(responses)
+    return report
+
+
+def _score_sets(sets: list[tuple[str, PromptSet]], respond, judge_model: LMJudge | None, progress: Progress | None,
+                warn: Callable[[str], None]) -> tuple[list[dict], list[dict], list[str], int]:
+    """(metrics, records, notes, prompts) of every set; `respond(prompt_set, step, truncated)`
+    gives (responses, whether the chat template was used)."""
     total = sum(len(s) for _, s in sets)
     done = 0
     metrics, records = [], []
@@ -118,10 +182,7 @@ def evaluate(
             notes.append(f"{prompt_set.name}: {message}")
             warn(notes[-1])
 
-        if client is not None:  # the server applies its own chat template
-            texts, templated = client.generate(prompt_set.prompts, max_new_tokens, step, label=prompt_set.name), True
-        else:
-            texts, templated = generate(lm, tokenizer, prompt_set.prompts, max_new_tokens, batch_size, step, warn=truncated)
+        texts, templated = respond(prompt_set, step, truncated)
         if not templated and not any("chat template" in n for n in notes):
             notes.append("the tokenizer has no chat template; prompts used the plain template 'User: ...\\nAssistant:'")
             warn(notes[-1])
@@ -144,36 +205,4 @@ def evaluate(
             else:
                 record["refusal"] = flag
             records.append(record)
-    finished = time.perf_counter()
-
-    summary = {
-        "harmful_refusal": pooled(metrics, "harmful"),
-        "over_refusal": pooled(metrics, "benign"),
-        "task_accuracy": pooled(metrics, "task"),
-        "prompts": total,
-    }
-    settings = {
-        "harmful": list(harmful), "benign": list(benign), "task": task, "judge": judge,
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": str(dev), "decoding": "greedy",
-        "backend": "in-process" if client is None else "endpoint",
-    }
-    inputs = {"model": None if model is None else str(model), "adapter": None if adapter is None else str(adapter)}
-    if client is not None:
-        inputs.update(endpoint.describe())
-        settings.update(endpoint.settings())
-        summary["requests"] = {"sent": client.requests, "retried": client.retries}
-        if client.retries:
-            notes.append(f"the endpoint needed {client.retries} retried request(s) (HTTP 429/5xx, timeouts or dropped connections)")
-    report = Report(
-        command="eval",
-        inputs=inputs,
-        settings=settings,
-        metrics=metrics,
-        summary=summary,
-        timings={"load_s": round(load_done - started, 3), "generate_s": round(finished - load_done, 3), "total_s": round(finished - started, 3)},
-        notes=notes,
-    )
-    if responses is not None:
-        write_text_atomic(Path(responses), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), what="responses file")
-        report.output = str(responses)
-    return report
+    return metrics, records, notes, total

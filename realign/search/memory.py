@@ -10,19 +10,25 @@ from ..errors import RealignError
 from ..eval.generate import generate
 from ..io.adapter import ADAPTER_CONFIG
 from ..io.checkpoint import resolve_local
-from ..io.models import apply_adapter, load_causal_lm
+from ..io.models import apply_adapter, load_causal_lm, release
+from ..io.placement import Placement, offloaded
 from ..io.names import find_module
 from ..linalg import LowRank, Matrix
 
 
 class InMemoryModel:
-    def __init__(self, base: str, aligned: str, device: torch.device):
+    def __init__(self, base: str, aligned: str, device: torch.device, placement: Placement | None = None):
         aligned_dir = resolve_local(aligned, "aligned")
         if (aligned_dir / ADAPTER_CONFIG).exists():  # W_aligned = base with the aligned adapter merged
-            model, self.tokenizer, _ = load_causal_lm(base, device, role="base")
-            model = apply_adapter(model, str(aligned_dir))
+            model, self.tokenizer, _ = load_causal_lm(base, device, role="base", placement=placement)
         else:
-            model, self.tokenizer, _ = load_causal_lm(aligned, device, role="aligned")
+            model, self.tokenizer, _ = load_causal_lm(aligned, device, role="aligned", placement=placement)
+        if offloaded(model):  # accelerate re-reads offloaded weights on every pass: a candidate written there would not last
+            release(model)
+            raise RealignError("--max-memory leaves part of the model offloaded to cpu or disk, where repair cannot write its "
+                               "candidates; give the devices more memory, or serve the model and use --endpoint")
+        if (aligned_dir / ADAPTER_CONFIG).exists():
+            model = apply_adapter(model, str(aligned_dir))
         from transformers.pytorch_utils import Conv1D
 
         self.model = model
@@ -62,3 +68,4 @@ class InMemoryModel:
 
     def close(self) -> None:
         self.restore()
+        release(self.model)

@@ -21,6 +21,7 @@ from ..eval.sources import PromptSet, load_prompts
 from ..io.adapter import ADAPTER_CONFIG, Adapter
 from ..io.checkpoint import Checkpoint, resolve_local
 from ..io.device import resolve_device
+from ..io.placement import placement
 from ..io.output import Checked, check_target
 from ..methods.base import get
 from ..methods.merging import refuse_passthrough
@@ -193,6 +194,8 @@ def repair(
     log: Callable[[str], None] | None = None,
     endpoint: Endpoint | None = None,
     lora_dir: str | Path | None = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> Report:
     """Search the registered data-free methods for the repair with the best task score whose
     refusal rate on `harmful_cal` meets `target_refusal` and whose refusal rate on `benign_cal`
@@ -204,7 +207,8 @@ def repair(
     `endpoint`: evaluate on a server instead (vLLM with runtime LoRA loading): each candidate is
     written as a LoRA into `lora_dir` (a directory the server reads at the same path; a temporary
     one by default, for a server on this machine) and loaded there. The server runs ALIGNED, or
-    BASE when ALIGNED is an adapter."""
+    BASE when ALIGNED is an adapter. `device_map` / `max_memory`: ALIGNED spread over several
+    devices by accelerate (every layer must stay in memory: candidates are written into it)."""
     started = time.perf_counter()
     log = log or (lambda _: None)
     methods = tuple(methods)
@@ -220,12 +224,15 @@ def repair(
     _check_inputs(inputs, methods)
     notes: list[str] = []
     scored = _safelora_modules(inputs, notes) if "safelora" in methods else None
+    placed = placement(device_map, max_memory, device)
     if endpoint is not None:
+        if placed is not None:
+            raise RealignError("--device-map and --max-memory place a model loaded here; with --endpoint the server places it")
         lm: InMemoryModel | ServedModel = ServedModel(Client(endpoint), inputs, lora_dir)
     elif lora_dir is not None:
         raise RealignError("--lora-dir goes with --endpoint: it is where the server reads the candidates from")
     else:
-        lm = InMemoryModel(base, aligned, resolve_device(device))
+        lm = InMemoryModel(base, aligned, resolve_device(device), placed)
     results: list[tuple[Candidate, Measured, dict]] = []
     skipped: list[str] = []
 

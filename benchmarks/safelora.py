@@ -9,15 +9,17 @@ each measured phase in its own subprocess so that each peak RSS is its own:
   dense    the reference formulation per module: float32 W_a - W_b, C = V V^T / ||V||_F,
            dW = s B A, cos(vec dW, vec C dW), B' = C B
 
-Usage: python benchmarks/safelora.py [--layers 4] [--workdir bench-data/safelora] [--skip-dense]
+Usage: python benchmarks/safelora.py [--layers 4] [--rank 8] [--workdir bench-data/safelora] [--skip-dense]
 Prints one table and a JSON line; numbers go to docs/benchmarks.md by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -50,11 +52,14 @@ def peak_rss_mib() -> float:
 # -- data -------------------------------------------------------------------------------------
 
 
-def build(workdir: Path, layers: int) -> None:
+def build(workdir: Path, layers: int, rank: int = RANK, alpha: int = ALPHA, vocab: int | None = None) -> None:
+    """`vocab`: also write embed_tokens, the final norm and lm_head (a whole model's files; no
+    realign phase reads them) in one more shard of each model."""
     import torch
     from safetensors.torch import save_file
 
-    stamp = workdir / f"built-{layers}-layers"
+    suffix = ("" if (rank, alpha) == (RANK, ALPHA) else f"-r{rank}-a{alpha}") + ("" if vocab is None else f"-vocab{vocab}")
+    stamp = workdir / f"built-{layers}-layers{suffix}"
     if stamp.exists():
         return
     shutil.rmtree(workdir, ignore_errors=True)
@@ -64,10 +69,11 @@ def build(workdir: Path, layers: int) -> None:
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
         "intermediate_size": MLP, "num_hidden_layers": layers, "num_attention_heads": 32,
-        "num_key_value_heads": 32, "vocab_size": 32000, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+        "num_key_value_heads": 32, "vocab_size": vocab or 32000, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
     }
     maps = {"base": {}, "aligned": {}}
     adapter = {}
+    shards = layers + (vocab is not None)
     for layer in range(layers):  # one shard per layer and model
         shard = {"base": {}, "aligned": {}}
         for module, d_out, d_in in MODULES:
@@ -78,23 +84,31 @@ def build(workdir: Path, layers: int) -> None:
             shard["base"][key] = w.to(torch.bfloat16)
             shard["aligned"][key] = (w + delta).to(torch.bfloat16)
             prefix = f"base_model.model.model.layers.{layer}.{module}"
-            adapter[f"{prefix}.lora_A.weight"] = torch.randn(RANK, d_in, generator=gen) * 0.01
-            adapter[f"{prefix}.lora_B.weight"] = torch.randn(d_out, RANK, generator=gen) * 0.01
+            adapter[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) * 0.01
+            adapter[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * 0.01
         for norm in ("input_layernorm", "post_attention_layernorm"):
             key = f"model.layers.{layer}.{norm}.weight"
             for model in shard:
                 shard[model][key] = torch.ones(HIDDEN, dtype=torch.bfloat16)
         for model, tensors in shard.items():
-            file = f"model-{layer + 1:05d}-of-{layers:05d}.safetensors"
+            file = f"model-{layer + 1:05d}-of-{shards:05d}.safetensors"
             save_file(tensors, workdir / model / file, metadata={"format": "pt"})
             maps[model].update({k: file for k in tensors})
+    if vocab is not None:  # the same embeddings, norm and head in both models
+        file = f"model-{shards:05d}-of-{shards:05d}.safetensors"
+        rest = {"model.embed_tokens.weight": (torch.randn(vocab, HIDDEN, generator=gen) * 0.02).to(torch.bfloat16),
+                "lm_head.weight": (torch.randn(vocab, HIDDEN, generator=gen) * 0.02).to(torch.bfloat16),
+                "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16)}
+        for model in maps:
+            save_file(rest, workdir / model / file, metadata={"format": "pt"})
+            maps[model].update({k: file for k in rest})
     for model, weight_map in maps.items():
         (workdir / model / "config.json").write_text(json.dumps(config))
         index = {"metadata": {}, "weight_map": weight_map}
         (workdir / model / "model.safetensors.index.json").write_text(json.dumps(index))
     save_file(adapter, workdir / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
     }
@@ -111,7 +125,7 @@ def needed(workdir: Path):
 
 
 def phase_floor(workdir: Path) -> dict:
-    import torch  # noqa: F401  (same import cost as the other phases)
+    importlib.import_module("torch")  # the same import cost as the other phases
     from safetensors import safe_open
 
     baseline = rss_mib()
@@ -138,16 +152,20 @@ def phase_realign(workdir: Path) -> dict:
     return {"seconds": seconds, "baseline_mib": baseline, "peak_mib": peak_rss_mib(), "similarities": sims, "timings": report.timings}
 
 
-def phase_dense(workdir: Path) -> dict:
+def phase_dense(workdir: Path, layers: set[int] | None = None) -> dict:
+    """`layers`: only the modules of these layers (None: all)."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     adapter = load_file(workdir / "adapter" / "adapter_model.safetensors")
+    config = json.loads((workdir / "adapter" / "adapter_config.json").read_text())
     baseline = rss_mib()
     start = time.perf_counter()
     sims = {}
     for key, file in needed(workdir):
+        if layers is not None and int(key.split(".")[2]) not in layers:
+            continue
         with safe_open(workdir / "base" / file, framework="pt") as handle:
             w_base = handle.get_tensor(key).float()
         with safe_open(workdir / "aligned" / file, framework="pt") as handle:
@@ -157,7 +175,7 @@ def phase_dense(workdir: Path) -> dict:
         b = adapter[f"base_model.model.{name}.lora_B.weight"]
         v = w_aligned - w_base
         c = v @ v.T / torch.linalg.norm(v)
-        dw = (ALPHA / RANK) * b @ a
+        dw = (config["lora_alpha"] / config["r"]) * b @ a
         cdw = c @ dw
         sims[name] = float(torch.dot(dw.flatten(), cdw.flatten()) / (torch.linalg.norm(dw) * torch.linalg.norm(cdw)))
         _ = c @ b  # the projected B the reference writes back
@@ -194,20 +212,27 @@ def phase_float64(workdir: Path) -> dict:
 PHASES = {"floor": phase_floor, "realign": phase_realign, "dense": phase_dense, "float64": phase_float64}
 
 
-def run_phase(name: str, workdir: Path, script: str = __file__) -> dict:
-    """One phase of `script` in its own process (its own peak RSS); its last stdout line is JSON."""
+def run_phase(name: str, workdir: Path, script: str = __file__, args: tuple[str, ...] = ()) -> dict:
+    """One phase of `script` in its own process (its own peak RSS); its last stdout line is JSON,
+    to which `cpu_s` is added: the process's user + system CPU seconds, imports included (what
+    the phase costs whatever else the machine runs)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
-        [sys.executable, script, "--phase", name, "--workdir", str(workdir)],
+        [sys.executable, script, "--phase", name, "--workdir", str(workdir), *args],
         capture_output=True, text=True, check=False,
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"phase {name} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=RANK, help="LoRA rank of the adapter (alpha = 2 x rank)")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data/safelora"))
     parser.add_argument("--skip-dense", action="store_true", help="skip the slow dense reference")
     parser.add_argument("--repeat", type=int, default=2, help="runs of floor and realign; the best is kept")
@@ -218,7 +243,7 @@ def main() -> None:
         return
 
     t = time.perf_counter()
-    build(args.workdir, args.layers)
+    build(args.workdir, args.layers, args.rank, 2 * args.rank)
     print(f"data: {args.layers} layers x 7 modules, bf16, in {args.workdir} ({time.perf_counter() - t:.1f}s to build or check)")
     run_phase("floor", args.workdir)  # warm the page cache so every phase reads from it alike
     floor = min((run_phase("floor", args.workdir) for _ in range(args.repeat)), key=lambda r: r["seconds"])

@@ -122,6 +122,22 @@ def test_resta_dense_safety_writes_a_checkpoint_or_an_svd_adapter(setup, tmp_pat
         assert measured == pytest.approx(row["reconstruction_error"], rel=1e-3, abs=1e-6)
 
 
+def test_dense_merges_are_not_kept_for_every_module_between_scoring_and_writing(setup):
+    """With S dense (ALIGNED a checkpoint) each module's T' is dense: kept for every module until
+    the write, a 7B model's would need 24 GiB (measured: out of memory). Scoring keeps none of
+    them; the write builds each again (the test above checks what it writes)."""
+    from realign.methods.base import get
+
+    _, root = setup
+    inputs = {"base": str(root / "base"), "aligned": str(root / "aligned"), "adapter": str(root / "adapter")}
+    for method, kwargs in (("resta", {"safety_weight": 0.5}), ("safemerge", {"tau": 1.0})):
+        patch = get(method).plan(inputs, kwargs)()
+        results = patch.score(None)
+        assert any(row["safety"] == "dense" for _, row in results)
+        assert any(combo is None for combo, _ in results), method  # the merged modules: dense, not kept
+        assert all(combo is None or combo.low_rank for combo, _ in results), method
+
+
 def test_resta_safety_vector_and_dare(setup, tmp_path):
     arch, root = setup
     args = (str(root / "base"), str(root / "aligned"), str(root / "adapter"))

@@ -230,14 +230,16 @@ class MergePatch(Patch):
                        **extra, "merged_rank": combo.rank if combo.low_rank else None}
 
     def score(self, progress) -> list[tuple[Combination | None, dict]]:
-        """(T', row) per module; T' is None on a dense side (built again when written)."""
+        """(T', row) per module; T' is None where it is dense (built again when written: a dense T' of
+        every module of a 7B model is 24 GiB)."""
         results = []
         for i, module in enumerate(self.side.modules):
             combo, row = self.merge(module)
-            results.append((None if self.side.dense else combo, row))
+            # a dense T' (a checkpoint S, DARE) is built again when written, never kept for every module
+            results.append((None if self.side.dense or not combo.low_rank else combo, row))
             if progress:
                 progress(i + 1, len(self.side.modules))
-        if self.as_adapter and not self.side.dense and all(combo.low_rank for combo, _ in results):
+        if self.as_adapter and not self.side.dense and all(combo is not None for combo, _ in results):
             self.notes.append("every term is low-rank, so the merge is written as its exact LoRA: --as-adapter and --adapter-rank "
                               "were not needed")
         return results
@@ -252,7 +254,7 @@ class MergePatch(Patch):
         return {row["name"] for combo, row in results if combo is None or combo.terms or combo.dense is not None}
 
     def output_kind(self, results) -> str:
-        if not self.side.dense and all(combo.low_rank for combo, _ in results):
+        if not self.side.dense and all(combo is not None for combo, _ in results):
             return "adapter"
         return "svd-adapter" if self.as_adapter else "checkpoint"
 
@@ -267,7 +269,7 @@ class MergePatch(Patch):
         if self.side.dense:
             return super().deltas(results, selected)
         deltas = {}
-        for combo, _ in results:
+        for combo in self.combos(results):
             if combo.low_rank and combo.terms:
                 a, b = combo.factors()
                 deltas[combo.name] = LowRank(b, a)

@@ -258,3 +258,27 @@ def test_merges_refuse_adapters_with_non_lora_tensors(tmp_path):
         with pytest.raises(RealignError, match="not linear LoRA factors"):
             run(str(tmp_path / "base"), str(tmp_path / "aligned"), str(tmp_path / "adapter"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_combination_in_place_is_bit_for_bit_the_copying_path():
+    """The dense merge path scales a fresh S in place and folds the low-rank terms into it
+    (Combination.add(in_place=True), matrix(in_place=True)) to save whole-matrix passes; the
+    floats must be exactly those of the copying path, for weight 1 (no pass) and any other."""
+    from realign.linalg import LowRank
+    from realign.methods.merging import Combination
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(37, 23, generator=g, dtype=torch.float32)
+    task = LowRank(torch.randn(37, 4, generator=g), torch.randn(4, 23, generator=g))
+    dense_task = torch.randn(37, 23, generator=g)
+    for weight in (1.0, 0.2, 0.35):
+        for dense_first in (False, True):
+            copying, in_place = Combination("m", (37, 23)), Combination("m", (37, 23))
+            for combo, fresh in ((copying, False), (in_place, True)):
+                if dense_first:
+                    combo.add(0.8, dense_task)
+                combo.add(0.7, task)
+                combo.add(weight, s.clone(), in_place=fresh)
+            expected = copying.matrix()
+            assert torch.equal(in_place.matrix(in_place=True), expected)
+            assert torch.equal(in_place.matrix(), expected)  # it still stands for T'

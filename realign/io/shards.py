@@ -35,7 +35,7 @@ def write_over(checkpoint: Checkpoint, staging: Path, key: str, tensor: torch.Te
         raise AssertionError(f"{key}: {raw.nbytes} bytes for a {end - start}-byte slot")
     with open(staging / checkpoint.file_of(key), "r+b") as handle:
         handle.seek(start)
-        handle.write(raw.tobytes())
+        handle.write(raw.reshape(-1))  # the array's own buffer: no bytes copy of the whole tensor
 
 
 def layout(checkpoint: Checkpoint, replaced: list[str]) -> dict:

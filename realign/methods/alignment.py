@@ -133,6 +133,25 @@ class Alignment:
             self._explain_non_finite(name, w_aligned, w_base)
         return v
 
+    def difference(self, name: str, device: torch.device, check: bool = True) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """(V, W_aligned, ||V||_F) in float32 from two checkpoints, V bit for bit `matrix`'s, for a merge
+        that writes W_aligned + T': each weight is read and upcast once, V is computed into the
+        base's float32 copy (a - b is the same float whether or not it overwrites b), and the
+        caller gets the float32 W_aligned it would otherwise read and upcast again.
+        The finiteness check is ||V||_F, returned for a caller that needs it (`frobenius_norm(V)`,
+        the same float); `check=False` skips it (a full pass over V, norm None) where the same
+        weights were already checked (a merge's writing pass, after its scoring pass)."""
+        wb, wa, _ = self._plan[name]
+        if self.aligned is None:
+            raise ValueError("ALIGNED is an adapter: V is low-rank, use matrix()")
+        w_aligned = read_weight(self.aligned, wa, device, torch.float32)
+        w_base = read_weight(self.base, wb, device, torch.float32)
+        v = torch.sub(w_aligned, w_base, out=w_base)
+        norm = frobenius_norm(v) if check else None
+        if norm is not None and not math.isfinite(norm):
+            self._explain_non_finite(name, *self._checkpoint_pair(name, device))
+        return v, w_aligned, norm
+
     def approx(self, name: str, b: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float]:
         """(C B, ||V||_F) with Safe LoRA's C = V V^T / ||V||_F, C B None where V = 0. From
         checkpoints V is streamed in float32 blocks and never materialised."""

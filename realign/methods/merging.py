@@ -28,7 +28,7 @@ from ..io.adapter import Adapter
 from ..io.checkpoint import Checkpoint
 from ..io.adapter_writer import lora_config, write_lora
 from ..io.shards import copy_checkpoint, layout, write_over
-from ..linalg import LowRank, Matrix, truncated_factors
+from ..linalg import LowRank, Matrix, frobenius_norm, truncated_factors
 from ..report import Report
 from .alignment import Alignment, StoredWeight
 from .patch import Patch, module_delta
@@ -44,25 +44,53 @@ class Combination:
     shape: tuple[int, int]  # [out, in]
     terms: list[LowRank] = field(default_factory=list)
     dense: torch.Tensor | None = None
+    # a dense term left out while scoring (only the report row was needed): T' is dense, and is
+    # built again, dense term included, when written
+    deferred: bool = False
+    # W_aligned in float32 when computing S already read it (the writing pass adds T' to it in
+    # place instead of reading and upcasting it again)
+    aligned: torch.Tensor | None = None
 
-    def add(self, weight: float, matrix: Matrix | None) -> None:
+    def add(self, weight: float, matrix: Matrix | None, in_place: bool = False) -> None:
+        """Add weight * matrix. `in_place`: a dense `matrix` is the caller's own fresh tensor, used
+        no more: it is scaled in place and kept (no copy; x * 1.0 is x, so weight 1 costs no pass),
+        the same floats as `matrix * weight`."""
         if matrix is None or weight == 0.0:
             return
         if isinstance(matrix, LowRank):
             self.terms.append(LowRank(matrix.left * weight, matrix.right))
+            return
+        if in_place:
+            scaled = matrix if weight == 1.0 else matrix.mul_(weight)
         else:
-            self.dense = matrix * weight if self.dense is None else self.dense + matrix * weight
+            scaled = matrix * weight
+        # self.dense is always this combination's own tensor, so the sum can go into it
+        self.dense = scaled if self.dense is None else self.dense.add_(scaled)
+
+    def defer(self) -> None:
+        """Mark a dense term as left out (scoring that needs only the row)."""
+        self.deferred = True
 
     @property
     def low_rank(self) -> bool:
-        return self.dense is None
+        return self.dense is None and not self.deferred
 
     @property
     def rank(self) -> int:
         return sum(t.left.shape[1] for t in self.terms)
 
-    def matrix(self) -> torch.Tensor:
-        """T' as a dense float32 [out, in] matrix."""
+    def matrix(self, in_place: bool = False) -> torch.Tensor:
+        """T' as a dense float32 [out, in] matrix. `in_place`: the low-rank terms are added into
+        the dense term's own storage instead of a copy (the same floats); the dense term then is
+        T' and the terms are dropped, so the combination still stands for T'. For a combination
+        built to be written and dropped; never one that is shared."""
+        if self.deferred:
+            raise AssertionError(f"{self.name}: a combination scored without its dense term cannot be built")
+        if in_place and self.dense is not None:
+            for term in self.terms:
+                self.dense.addmm_(term.left, term.right)
+            self.terms = []
+            return self.dense
         total = torch.zeros(self.shape, dtype=torch.float32) if self.dense is None else self.dense.clone()
         for term in self.terms:
             total.addmm_(term.left, term.right)
@@ -122,7 +150,10 @@ def write_checkpoint(staging: Path, alignment: Alignment, target: Checkpoint, st
     keys = []
     for combo in combos:
         weight = stored(combo.name)
-        merged = alignment.aligned_weight(combo.name, torch.device("cpu")).add_(combo.matrix())
+        aligned = combo.aligned if combo.aligned is not None else alignment.aligned_weight(combo.name, torch.device("cpu"))
+        combo.aligned = None  # consumed: the sum goes into it
+        # the combination is built here and dropped after, so T' may take its dense term's storage
+        merged = aligned.add_(combo.matrix(in_place=True))
         write_over(target, staging, weight.key, merged.T if weight.transposed else merged)
         keys.append(weight.key)
     return layout(target, keys)
@@ -176,6 +207,35 @@ class AdapterSide:
         return score.similarity, score.skip_reason
 
 
+class LazySafety:
+    """S of one module, computed on first call (SafeMERGE's scoring of a module it merges needs
+    only the similarity, not a dense S). The caller owns the tensor it returns."""
+
+    def __init__(self, compute: Callable[[], tuple[Matrix | None, torch.Tensor | None, float | None]]):
+        self._compute = compute
+        self.computed = False
+        self.value: Matrix | None = None
+        self.aligned: torch.Tensor | None = None  # W_aligned in float32, where computing S read it
+        self.known_norm: float | None = None  # frobenius_norm(S), where computing S measured it
+
+    def __call__(self) -> Matrix | None:
+        if not self.computed:
+            self.value, self.aligned, self.known_norm = self._compute()
+            self.computed = True
+        return self.value
+
+    def norm(self) -> float | None:
+        """frobenius_norm(S) (None where S is None), measured once."""
+        value = self()
+        if value is None:
+            return None
+        return self.known_norm if self.known_norm is not None else frobenius_norm(value)
+
+    def kind(self) -> str | None:
+        value = self()
+        return None if value is None else ("lora" if isinstance(value, LowRank) else "dense")
+
+
 class MergePatch(Patch):
     """A weight-space merge on a fine-tuned adapter or full checkpoint (`side`, every covered
     module planned by name), building each module's T' with `combine` and writing the exact LoRA,
@@ -214,19 +274,36 @@ class MergePatch(Patch):
             for module in self.side.modules:
                 check_adapter_rank(self.adapter_rank, module.name, module.shape)
 
-    def safety(self, module: MergeModule) -> Matrix | None:
-        """S of one module: V = W_aligned - W_base (None where an aligned adapter leaves it alone)."""
-        return self.alignment.matrix(module.name, torch.device("cpu"))
+    def safety(self, module: MergeModule, writing: bool = False) -> tuple[Matrix | None, torch.Tensor | None, float | None]:
+        """(S, W_aligned or None, ||S||_F or None) of one module: S = V = W_aligned - W_base (None
+        where an aligned adapter leaves it alone), a fresh tensor the caller owns. From
+        checkpoints W_aligned in float32 comes along (read for S anyway; `write_checkpoint` reuses
+        it) and so does ||S||_F (computed to check S is finite); `writing` skips that check, done
+        on the same weights by the scoring pass."""
+        if self.alignment.kind == "checkpoint":
+            return self.alignment.difference(module.name, torch.device("cpu"), check=not writing)
+        return self.alignment.matrix(module.name, torch.device("cpu")), None, None
 
-    def combine(self, module: MergeModule, task: Matrix, safety: Matrix | None) -> tuple[Combination, dict]:
+    def safety_kind(self, module: MergeModule) -> str | None:
+        """What S is, without computing it, where that is known: from two checkpoints it is dense."""
+        return "dense" if self.alignment.kind == "checkpoint" else None
+
+    def combine(self, module: MergeModule, task: Matrix, safety: "LazySafety", writing: bool) -> tuple[Combination, dict]:
+        """T' and the row's own fields. `writing`: T' is built to be written, its row dropped."""
         raise NotImplementedError
 
-    def merge(self, module: MergeModule) -> tuple[Combination, dict]:
-        """T' of one module and its report row."""
-        task, safety = self.side.task(module), self.safety(module)
-        combo, extra = self.combine(module, task, safety)
-        return combo, {"name": module.name, "shape": list(module.shape), "task_rank": module.rank,
-                       "safety": None if safety is None else ("lora" if isinstance(safety, LowRank) else "dense"),
+    def merge(self, module: MergeModule, writing: bool = False) -> tuple[Combination, dict]:
+        """T' of one module and its report row (with `writing`, T' is what counts: the row's
+        figures may be left out). While scoring, a dense T' is dropped after its row is made, so
+        a subclass may leave its dense term out (`Combination.defer`) where the row needs none."""
+        task = self.side.task(module)
+        safety = LazySafety(lambda: self.safety(module, writing))
+        combo, extra = self.combine(module, task, safety, writing)
+        combo.aligned = safety.aligned if writing else None  # kept only for the write that follows
+        kind = safety.kind() if safety.computed else self.safety_kind(module)
+        if not safety.computed and kind is None:  # not known without S: compute it (low-rank or absent, cheap)
+            kind = safety.kind()
+        return combo, {"name": module.name, "shape": list(module.shape), "task_rank": module.rank, "safety": kind,
                        **extra, "merged_rank": combo.rank if combo.low_rank else None}
 
     def score(self, progress) -> list[tuple[Combination | None, dict]]:
@@ -248,7 +325,7 @@ class MergePatch(Patch):
         """Each module's T' (those in `names`, if given), from `results` or built again."""
         for module, (combo, _) in zip(self.side.modules, results):
             if names is None or module.name in names:
-                yield combo if combo is not None else self.merge(module)[0]
+                yield combo if combo is not None else self.merge(module, writing=True)[0]
 
     def select(self, results) -> set[str]:
         return {row["name"] for combo, row in results if combo is None or combo.terms or combo.dense is not None}

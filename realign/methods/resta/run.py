@@ -65,8 +65,9 @@ class RestaPatch(MergePatch):
             for m in self.side.modules
         }
 
-    def safety(self, module: MergeModule) -> Matrix | None:
+    def safety(self, module: MergeModule, writing: bool = False) -> tuple[Matrix | None, torch.Tensor | None, float | None]:
         cpu = torch.device("cpu")
+        aligned, norm = None, None
         if self.vector_checkpoint is not None:
             s = self.alignment.aligned_weight(module.name, cpu) - read_weight(self.vector_checkpoint, self._vector_weights[module.name],
                                                                              cpu, torch.float32)
@@ -79,18 +80,26 @@ class RestaPatch(MergePatch):
             s = None if own is None else LowRank(-own.scaling * self.vector_adapter.tensors[own.key_b].float(),
                                                  self.vector_adapter.tensors[own.key_a].float())
         else:
-            s = super().safety(module)
+            s, aligned, norm = super().safety(module, writing)
         if s is None or not self.dare_p:
-            return s
+            return s, aligned, norm
         dense = s.left @ s.right if isinstance(s, LowRank) else s
         index = self.side.modules.index(module)
-        return dare_drop(dense, self.dare_p, torch.Generator().manual_seed(module_seed(self.seed, index)))
+        # DARE changes S: its norm is measured again (None)
+        return dare_drop(dense, self.dare_p, torch.Generator().manual_seed(module_seed(self.seed, index))), aligned, None
 
-    def combine(self, module: MergeModule, task: Matrix, safety: Matrix | None) -> tuple[Combination, dict]:
+    def combine(self, module: MergeModule, task: Matrix, safety, writing: bool) -> tuple[Combination, dict]:
         combo = Combination(module.name, module.shape)
+        s = safety()
+        # the row's norms first: S is then scaled in place. A dense S is dropped after scoring
+        # (built again when written), so scoring needs its norm only; writing needs no norms.
+        row = {} if writing else {"task_norm": frobenius_norm(task), "safety_norm": safety.norm()}
         combo.add(self.task_weight, task)
-        combo.add(self.safety_weight, safety)
-        return combo, {"task_norm": frobenius_norm(task), "safety_norm": None if safety is None else frobenius_norm(safety)}
+        if not writing and s is not None and not isinstance(s, LowRank) and self.safety_weight != 0.0:
+            combo.defer()
+        else:
+            combo.add(self.safety_weight, s, in_place=True)
+        return combo, row
 
 
 def check_weight(name: str, value: float) -> None:

@@ -32,13 +32,18 @@ class SafeMergePatch(MergePatch):
                           "a module is merged when it is below tau")
         self.check_writable()
 
-    def combine(self, module: MergeModule, task: Matrix, safety: Matrix | None) -> tuple[Combination, dict]:
+    def combine(self, module: MergeModule, task: Matrix, safety, writing: bool) -> tuple[Combination, dict]:
         similarity, skipped = self.side.similarity(module)
         merged = merges(similarity, self.tau)
         combo = Combination(module.name, module.shape)
         combo.add(self.task_weight if merged else 1.0, task)
-        if merged:
-            combo.add(self.safety_weight, safety)
+        if merged and self.safety_weight != 0.0:
+            if not writing and self.safety_kind(module) == "dense":
+                # scoring: a dense T' is dropped after its row, which needs only the similarity
+                # (streamed by side.similarity, which also checks the weights are finite)
+                combo.defer()
+            else:
+                combo.add(self.safety_weight, safety(), in_place=True)
         return combo, {"similarity": similarity, "merged": merged, "skipped": skipped}
 
     def select(self, results) -> set[str]:

@@ -147,3 +147,41 @@ def test_randomized_basis_is_near_optimal():
         assert torch.all(error <= optimal * 1.01 + 1e-6), (decay, error, optimal)
         # deterministic for the seed
         assert torch.equal(basis.float(), randomized_top_left_singular_vectors(a.float(), 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype):
+    """all_finite (two reductions) against the isfinite mask it replaces: NaN, +Inf and -Inf at the
+    ends, the middle and random places of contiguous and transposed tensors of sizes around the
+    vector widths; empty tensors and integer tensors are finite."""
+    from realign.errors import all_finite
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 8, 9, 16, 17, 33, 64, 65, 1000, 4099):
+        for value in (float("nan"), float("inf"), float("-inf"), None):
+            positions = {0, n - 1, n // 2, int(torch.randint(0, n, (1,), generator=g))}
+            for position in positions:
+                flat = torch.randn(n, generator=g).to(dtype)
+                wide = torch.randn(n, 3, generator=g).to(dtype).T
+                if value is not None:
+                    flat[position] = value
+                    wide[1, position] = value
+                for tensor in (flat, wide):
+                    assert all_finite(tensor) == bool(torch.isfinite(tensor).all()) == (value is None)
+    assert all_finite(torch.empty(0, 4, dtype=dtype))
+    assert all_finite(torch.arange(5))
+
+
+def test_buffers_reuse_one_storage_per_slot_and_dtype():
+    from realign.buffers import Buffers
+
+    buffers = Buffers()
+    first = buffers.take("a", (4, 6), torch.float32)
+    again = buffers.take("a", (3, 2), torch.float32)
+    assert again.data_ptr() == first.data_ptr() and again.shape == (3, 2) and again.is_contiguous()
+    other = buffers.take("b", (4, 6), torch.float32)
+    half = buffers.take("a", (4, 6), torch.bfloat16)
+    assert len({first.data_ptr(), other.data_ptr(), half.data_ptr()}) == 3
+    grown = buffers.take("a", (10, 10), torch.float32)
+    assert grown.shape == (10, 10) and grown.numel() == 100
+    assert buffers.take("a", (4, 6), torch.float32).data_ptr() == grown.data_ptr()

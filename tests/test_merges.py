@@ -282,3 +282,26 @@ def test_combination_in_place_is_bit_for_bit_the_copying_path():
             expected = copying.matrix()
             assert torch.equal(in_place.matrix(in_place=True), expected)
             assert torch.equal(in_place.matrix(), expected)  # it still stands for T'
+
+
+def test_safemerge_dense_safety_checkpoint_mixes_merged_and_kept_modules(setup, tmp_path):
+    """ALIGNED a checkpoint (S dense), tau between the similarities so that some modules are merged
+    and some keep T: the written checkpoint against the float64 formula, module by module. The
+    write reuses its buffers from module to module (realign/buffers.py), so a module written
+    with another's values would show here."""
+    arch, root = setup
+    args = (str(root / "base"), str(root / "aligned"), str(root / "adapter"))
+    # V = 0 where the aligned adapter that made ALIGNED left a module alone: no similarity, kept
+    similarities = sorted(row["similarity"] for row in realign.safemerge(*args, dry_run=True, tau=1.0).modules
+                          if row["similarity"] is not None)
+    tau = (similarities[len(similarities) // 2 - 1] + similarities[len(similarities) // 2]) / 2
+    report = realign.safemerge(*args, tmp_path / "out", tau=tau, task_weight=0.8, safety_weight=0.2)
+    assert report.summary["output_kind"] == "checkpoint"
+    assert 0 < report.summary["merged"] < len(report.modules)
+    base, aligned, task = _state(root / "base"), _state(root / "aligned"), _lora_deltas(root / "adapter")
+    expected = {}
+    for row in report.modules:
+        key = row["name"] + ".weight"
+        assert row["merged"] == (row["similarity"] is not None and row["similarity"] < tau)
+        expected[key] = 0.8 * task[key] + 0.2 * _oriented(arch, aligned[key] - base[key]) if row["merged"] else task[key]
+    _check_merged(arch, _state(tmp_path / "out"), aligned, expected)

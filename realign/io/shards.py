@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..buffers import Buffers
 from ..errors import ensure_finite
 from ..report import REPORT_FILE
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint
@@ -23,11 +24,14 @@ def copy_checkpoint(checkpoint: Checkpoint, staging: Path) -> None:
             shutil.copyfile(path, staging / path.name)
 
 
-def write_over(checkpoint: Checkpoint, staging: Path, key: str, tensor: torch.Tensor) -> None:
+def write_over(checkpoint: Checkpoint, staging: Path, key: str, tensor: torch.Tensor, buffers: Buffers | None = None) -> None:
     """Write `tensor` (any float dtype, the stored shape) over `key` in the copy in `staging`,
-    cast to the stored dtype."""
+    cast to the stored dtype (in `buffers`' slot "stored" where given)."""
     dtype = checkpoint.dtype(key)
-    tensor = tensor.to("cpu", dtype).contiguous()
+    if buffers is not None:
+        tensor = buffers.take("stored", tuple(tensor.shape), dtype).copy_(tensor)
+    else:
+        tensor = tensor.to("cpu", dtype).contiguous()
     ensure_finite(tensor, f"patched weight '{key}' in {dtype}")
     start, end = checkpoint.byte_range(key)
     raw = tensor.view(torch.uint8).numpy()

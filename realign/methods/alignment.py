@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..buffers import Buffers
 from ..errors import RealignError, ensure_finite
 from ..io.adapter import ADAPTER_CONFIG, Adapter, LoraModule
 from ..io.checkpoint import Checkpoint, resolve_local
@@ -49,9 +50,15 @@ def orient(checkpoint: Checkpoint, key: str, name: str, shape: tuple[int, int], 
                        f"expects {shape[0]}x{shape[1]}; was the adapter trained on this model?")
 
 
-def read_weight(checkpoint: Checkpoint, weight: StoredWeight, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[out, in], in the stored dtype unless `dtype` is given."""
-    tensor = checkpoint.read(weight.key).to(device, dtype)
+def read_weight(checkpoint: Checkpoint, weight: StoredWeight, device: torch.device, dtype: torch.dtype | None = None,
+                buffers: Buffers | None = None, slot: str = "") -> torch.Tensor:
+    """[out, in], in the stored dtype unless `dtype` is given; on the CPU in `buffers`' `slot`
+    where given (valid until the slot is taken again)."""
+    stored = checkpoint.read(weight.key)
+    if buffers is not None and device.type == "cpu":
+        tensor = buffers.take(slot, tuple(stored.shape), dtype or stored.dtype).copy_(stored)
+    else:
+        tensor = stored.to(device, dtype)
     return tensor.T if weight.transposed else tensor
 
 
@@ -133,19 +140,21 @@ class Alignment:
             self._explain_non_finite(name, w_aligned, w_base)
         return v
 
-    def difference(self, name: str, device: torch.device, check: bool = True) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    def difference(self, name: str, device: torch.device, check: bool = True,
+                   buffers: Buffers | None = None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """(V, W_aligned, ||V||_F) in float32 from two checkpoints, V bit for bit `matrix`'s, for a merge
         that writes W_aligned + T': each weight is read and upcast once, V is computed into the
         base's float32 copy (a - b is the same float whether or not it overwrites b), and the
         caller gets the float32 W_aligned it would otherwise read and upcast again.
         The finiteness check is ||V||_F, returned for a caller that needs it (`frobenius_norm(V)`,
         the same float); `check=False` skips it (a full pass over V, norm None) where the same
-        weights were already checked (a merge's writing pass, after its scoring pass)."""
+        weights were already checked (a merge's writing pass, after its scoring pass). With
+        `buffers`, W_aligned and V lie in its slots "aligned" and "base"."""
         wb, wa, _ = self._plan[name]
         if self.aligned is None:
             raise ValueError("ALIGNED is an adapter: V is low-rank, use matrix()")
-        w_aligned = read_weight(self.aligned, wa, device, torch.float32)
-        w_base = read_weight(self.base, wb, device, torch.float32)
+        w_aligned = read_weight(self.aligned, wa, device, torch.float32, buffers, "aligned")
+        w_base = read_weight(self.base, wb, device, torch.float32, buffers, "base")
         v = torch.sub(w_aligned, w_base, out=w_base)
         norm = frobenius_norm(v) if check else None
         if norm is not None and not math.isfinite(norm):
@@ -165,11 +174,12 @@ class Alignment:
             self._explain_non_finite(name, w_aligned, w_base)
         return projected, norm
 
-    def aligned_weight(self, name: str, device: torch.device) -> torch.Tensor:
-        """W_aligned, float32 [out, in] (base + the adapter's delta when ALIGNED is an adapter)."""
+    def aligned_weight(self, name: str, device: torch.device, buffers: Buffers | None = None) -> torch.Tensor:
+        """W_aligned, float32 [out, in] (base + the adapter's delta when ALIGNED is an adapter);
+        with `buffers`, in its slot "aligned"."""
         wb, wa, _ = self._plan[name]
         if self.aligned is not None:
-            return read_weight(self.aligned, wa, device, torch.float32)
-        w = read_weight(self.base, wb, device, torch.float32)
+            return read_weight(self.aligned, wa, device, torch.float32, buffers, "aligned")
+        w = read_weight(self.base, wb, device, torch.float32, buffers, "aligned")
         v = self.matrix(name, device)
         return w if v is None else w.addmm_(v.left, v.right)

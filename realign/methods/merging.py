@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import RealignError
+from ..buffers import Buffers
 from ..io.adapter import Adapter
 from ..io.checkpoint import Checkpoint
 from ..io.adapter_writer import lora_config, write_lora
@@ -143,18 +144,21 @@ def check_adapter_rank(rank: int, name: str, shape: tuple[int, int]) -> None:
 
 
 def write_checkpoint(staging: Path, alignment: Alignment, target: Checkpoint, stored: Callable[[str], StoredWeight],
-                     combos: Iterable[Combination]) -> dict:
+                     combos: Iterable[Combination], buffers: Buffers | None = None) -> dict:
     """A copy of `target` (ALIGNED, or the full fine-tuned checkpoint) with W_aligned + T' written
-    over each module's weight, one module at a time; every other byte as it was."""
+    over each module's weight, one module at a time; every other byte as it was. `combos` is
+    consumed one at a time and may hold tensors in `buffers` (`MergePatch.combos`)."""
     copy_checkpoint(target, staging)
     keys = []
     for combo in combos:
         weight = stored(combo.name)
-        aligned = combo.aligned if combo.aligned is not None else alignment.aligned_weight(combo.name, torch.device("cpu"))
+        aligned = combo.aligned
+        if aligned is None:
+            aligned = alignment.aligned_weight(combo.name, torch.device("cpu"), buffers)
         combo.aligned = None  # consumed: the sum goes into it
         # the combination is built here and dropped after, so T' may take its dense term's storage
         merged = aligned.add_(combo.matrix(in_place=True))
-        write_over(target, staging, weight.key, merged.T if weight.transposed else merged)
+        write_over(target, staging, weight.key, merged.T if weight.transposed else merged, buffers)
         keys.append(weight.key)
     return layout(target, keys)
 
@@ -274,14 +278,15 @@ class MergePatch(Patch):
             for module in self.side.modules:
                 check_adapter_rank(self.adapter_rank, module.name, module.shape)
 
-    def safety(self, module: MergeModule, writing: bool = False) -> tuple[Matrix | None, torch.Tensor | None, float | None]:
+    def safety(self, module: MergeModule, writing: bool = False,
+               buffers: Buffers | None = None) -> tuple[Matrix | None, torch.Tensor | None, float | None]:
         """(S, W_aligned or None, ||S||_F or None) of one module: S = V = W_aligned - W_base (None
-        where an aligned adapter leaves it alone), a fresh tensor the caller owns. From
-        checkpoints W_aligned in float32 comes along (read for S anyway; `write_checkpoint` reuses
-        it) and so does ||S||_F (computed to check S is finite); `writing` skips that check, done
-        on the same weights by the scoring pass."""
+        where an aligned adapter leaves it alone), a tensor the caller owns (in `buffers`, where
+        given, until the module is done). From checkpoints W_aligned in float32 comes along (read
+        for S anyway; `write_checkpoint` reuses it) and so does ||S||_F (computed to check S is
+        finite); `writing` skips that check, done on the same weights by the scoring pass."""
         if self.alignment.kind == "checkpoint":
-            return self.alignment.difference(module.name, torch.device("cpu"), check=not writing)
+            return self.alignment.difference(module.name, torch.device("cpu"), check=not writing, buffers=buffers)
         return self.alignment.matrix(module.name, torch.device("cpu")), None, None
 
     def safety_kind(self, module: MergeModule) -> str | None:
@@ -292,12 +297,14 @@ class MergePatch(Patch):
         """T' and the row's own fields. `writing`: T' is built to be written, its row dropped."""
         raise NotImplementedError
 
-    def merge(self, module: MergeModule, writing: bool = False) -> tuple[Combination, dict]:
+    def merge(self, module: MergeModule, writing: bool = False, buffers: Buffers | None = None) -> tuple[Combination, dict]:
         """T' of one module and its report row (with `writing`, T' is what counts: the row's
         figures may be left out). While scoring, a dense T' is dropped after its row is made, so
-        a subclass may leave its dense term out (`Combination.defer`) where the row needs none."""
+        a subclass may leave its dense term out (`Combination.defer`) where the row needs none.
+        With `buffers` a dense S (and T' built on it) lies in its slots: such a T' must be used
+        before the next module is merged."""
         task = self.side.task(module)
-        safety = LazySafety(lambda: self.safety(module, writing))
+        safety = LazySafety(lambda: self.safety(module, writing, buffers))
         combo, extra = self.combine(module, task, safety, writing)
         combo.aligned = safety.aligned if writing else None  # kept only for the write that follows
         kind = safety.kind() if safety.computed else self.safety_kind(module)
@@ -310,8 +317,10 @@ class MergePatch(Patch):
         """(T', row) per module; T' is None where it is dense (built again when written: a dense T' of
         every module of a 7B model is 24 GiB)."""
         results = []
+        # a T' kept here is low-rank: never one that holds a dense S from these buffers
+        buffers = Buffers()
         for i, module in enumerate(self.side.modules):
-            combo, row = self.merge(module)
+            combo, row = self.merge(module, buffers=buffers)
             # a dense T' (a checkpoint S, DARE) is built again when written, never kept for every module
             results.append((None if self.side.dense or not combo.low_rank else combo, row))
             if progress:
@@ -321,11 +330,12 @@ class MergePatch(Patch):
                               "were not needed")
         return results
 
-    def combos(self, results, names: set[str] | None = None) -> Iterable[Combination]:
-        """Each module's T' (those in `names`, if given), from `results` or built again."""
+    def combos(self, results, names: set[str] | None = None, buffers: Buffers | None = None) -> Iterable[Combination]:
+        """Each module's T' (those in `names`, if given), from `results` or built again (in
+        `buffers` where given: then each must be used before the next is asked for)."""
         for module, (combo, _) in zip(self.side.modules, results):
             if names is None or module.name in names:
-                yield combo if combo is not None else self.merge(module, writing=True)[0]
+                yield combo if combo is not None else self.merge(module, writing=True, buffers=buffers)[0]
 
     def select(self, results) -> set[str]:
         return {row["name"] for combo, row in results if combo is None or combo.terms or combo.dense is not None}
@@ -372,8 +382,9 @@ class MergePatch(Patch):
             # over a copy of the fine-tuned checkpoint a module left out keeps W_finetuned (T' = T);
             # over a copy of ALIGNED every module is written
             names = selected if self.side.dense else None
+            buffers = Buffers()
             report.summary.update(write_checkpoint(staging, self.alignment, self.side.target, self.side.stored,
-                                                   self.combos(results, names)))
+                                                   self.combos(results, names, buffers), buffers))
 
 
 def check_output_options(as_adapter: bool, adapter_rank: int | None) -> None:

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ...buffers import Buffers
 from ...errors import RealignError
 from ...io.adapter import ADAPTER_CONFIG, Adapter
 from ...io.checkpoint import Checkpoint, resolve_local
@@ -65,7 +66,8 @@ class RestaPatch(MergePatch):
             for m in self.side.modules
         }
 
-    def safety(self, module: MergeModule, writing: bool = False) -> tuple[Matrix | None, torch.Tensor | None, float | None]:
+    def safety(self, module: MergeModule, writing: bool = False,
+               buffers: Buffers | None = None) -> tuple[Matrix | None, torch.Tensor | None, float | None]:
         cpu = torch.device("cpu")
         aligned, norm = None, None
         if self.vector_checkpoint is not None:
@@ -80,7 +82,7 @@ class RestaPatch(MergePatch):
             s = None if own is None else LowRank(-own.scaling * self.vector_adapter.tensors[own.key_b].float(),
                                                  self.vector_adapter.tensors[own.key_a].float())
         else:
-            s, aligned, norm = super().safety(module, writing)
+            s, aligned, norm = super().safety(module, writing, buffers)
         if s is None or not self.dare_p:
             return s, aligned, norm
         dense = s.left @ s.right if isinstance(s, LowRank) else s

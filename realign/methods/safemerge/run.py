@@ -31,9 +31,14 @@ class SafeMergePatch(MergePatch):
         self.notes.append("similarity = Safe LoRA's cos(dW, C dW) with C = S S^T / ||S||_F, S = W_aligned - W_base; "
                           "a module is merged when it is below tau")
         self.check_writable()
+        # each module's (similarity, skip reason), measured while scoring: a dense T' is built
+        # again when written, and the decision must not cost a second read of both weights
+        self._scores: dict[str, tuple[float | None, str | None]] = {}
 
     def combine(self, module: MergeModule, task: Matrix, safety, writing: bool) -> tuple[Combination, dict]:
-        similarity, skipped = self.side.similarity(module)
+        if module.name not in self._scores:
+            self._scores[module.name] = self.side.similarity(module)
+        similarity, skipped = self._scores[module.name]
         merged = merges(similarity, self.tau)
         combo = Combination(module.name, module.shape)
         combo.add(self.task_weight if merged else 1.0, task)

@@ -305,3 +305,51 @@ def test_safemerge_dense_safety_checkpoint_mixes_merged_and_kept_modules(setup, 
         assert row["merged"] == (row["similarity"] is not None and row["similarity"] < tau)
         expected[key] = 0.8 * task[key] + 0.2 * _oriented(arch, aligned[key] - base[key]) if row["merged"] else task[key]
     _check_merged(arch, _state(tmp_path / "out"), aligned, expected)
+
+
+def test_resta_report_rows_are_the_same_written_or_dry(setup, tmp_path):
+    """With a write to follow, RESTA leaves a dense S's norm (and its finiteness check) to the
+    writing pass, so that the weights are read once: the written report must still hold every
+    figure, equal to a dry run's, for S from two checkpoints, with DARE, and from a safety vector
+    checkpoint."""
+    _, root = setup
+    args = (str(root / "base"), str(root / "aligned"), str(root / "adapter"))
+    for i, kwargs in enumerate(({"safety_weight": 0.5}, {"dare": 0.3, "seed": 4},
+                                {"safety_vector": str(root / "base"), "safety_weight": 0.25})):
+        dry = realign.resta(*args, dry_run=True, **kwargs)
+        written = realign.resta(*args, tmp_path / f"out{i}", **kwargs)
+        assert written.summary["output_kind"] == "checkpoint"
+        assert all(row["safety_norm"] is not None for row in written.modules)
+        assert written.modules == dry.modules, kwargs
+        import json
+        stored = json.loads((tmp_path / f"out{i}" / "realign_report.json").read_text())
+        assert [row["safety_norm"] for row in stored["modules"]] == [row["safety_norm"] for row in dry.modules]
+
+
+@pytest.mark.parametrize("method", ["resta", "safemerge"])
+def test_merges_refuse_a_non_finite_aligned_weight(setup, tmp_path, method):
+    """A NaN in one ALIGNED weight: one clear error naming it, dry run or not, and no output."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    arch, root = setup
+    aligned = tmp_path / "aligned"
+    shutil.copytree(root / "aligned", aligned)
+    report = realign.resta(str(root / "base"), str(root / "aligned"), str(root / "adapter"), dry_run=True)
+    name = report.modules[-1]["name"]
+    for shard in sorted(aligned.glob("*.safetensors")):
+        tensors = load_file(shard)
+        key = next((k for k in tensors if k.endswith(name + ".weight")), None)
+        if key is not None:
+            tensors[key][0, 0] = float("nan")
+            save_file(tensors, shard, metadata={"format": "pt"})
+            break
+    else:
+        raise AssertionError(f"{name} not found")
+    run = getattr(realign, method)
+    kwargs = {"tau": 1.0} if method == "safemerge" else {}
+    for out, dry in ((tmp_path / "out", False), (None, True)):
+        with pytest.raises(RealignError, match=f"aligned weight '.*{name}.weight' contains NaN or Inf"):
+            run(str(root / "base"), str(aligned), str(root / "adapter"), out, dry_run=dry, **kwargs)
+    assert not (tmp_path / "out").exists()

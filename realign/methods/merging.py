@@ -256,6 +256,9 @@ class MergePatch(Patch):
         self.settings: dict = {}
         self.notes: list[str] = []
         self.extra_inputs: list[Path] = []
+        # modules whose dense S the scoring pass left unread (RESTA with a write to follow): the
+        # writing pass checks it is finite
+        self.unchecked: set[str] = set()
         if side.dense:
             self.notes.append("T = W_finetuned - W_aligned in float32 on every linear layer of the numbered blocks (Safe LoRA's "
                               "all-linear targets); a merged checkpoint is a copy of the fine-tuned one, every other tensor "
@@ -286,7 +289,8 @@ class MergePatch(Patch):
         for S anyway; `write_checkpoint` reuses it) and so does ||S||_F (computed to check S is
         finite); `writing` skips that check, done on the same weights by the scoring pass."""
         if self.alignment.kind == "checkpoint":
-            return self.alignment.difference(module.name, torch.device("cpu"), check=not writing, buffers=buffers)
+            check = not writing or module.name in self.unchecked
+            return self.alignment.difference(module.name, torch.device("cpu"), check=check, buffers=buffers)
         return self.alignment.matrix(module.name, torch.device("cpu")), None, None
 
     def safety_kind(self, module: MergeModule) -> str | None:
@@ -332,10 +336,14 @@ class MergePatch(Patch):
 
     def combos(self, results, names: set[str] | None = None, buffers: Buffers | None = None) -> Iterable[Combination]:
         """Each module's T' (those in `names`, if given), from `results` or built again (in
-        `buffers` where given: then each must be used before the next is asked for)."""
-        for module, (combo, _) in zip(self.side.modules, results):
+        `buffers` where given: then each must be used before the next is asked for). Building
+        one again fills the figures its scoring left to this pass into its report row."""
+        for module, (combo, row) in zip(self.side.modules, results):
             if names is None or module.name in names:
-                yield combo if combo is not None else self.merge(module, writing=True, buffers=buffers)[0]
+                if combo is None:
+                    combo, fresh = self.merge(module, writing=True, buffers=buffers)
+                    row.update({key: value for key, value in fresh.items() if row.get(key) is None and value is not None})
+                yield combo
 
     def select(self, results) -> set[str]:
         return {row["name"] for combo, row in results if combo is None or combo.terms or combo.dense is not None}

@@ -23,6 +23,11 @@ class Patch:
     """One run of a patching method, after its inputs were loaded and checked (its constructor's
     job). Subclasses implement the four steps; `results` is whatever `score` returns."""
 
+    # set by `run` before scoring: `write` follows `score`, so a method that must read a module's
+    # weights again to write it may leave figures of the report to that pass (it fills them in
+    # the report's rows) instead of reading the weights twice
+    write_follows: bool = False
+
     def inputs(self) -> list[Path]:
         """Every input path: OUT may not overlap any of them."""
         raise NotImplementedError
@@ -95,6 +100,7 @@ def run(plan: Callable[[], Patch], out: str | Path | None, *, dry_run: bool = Fa
     patch = plan()
     if checked is None and not dry_run:
         checked = check_target(Path(out), force, patch.inputs())
+    patch.write_follows = not dry_run
     planned = time.perf_counter()
     results = patch.score(progress)
     selected = patch.select(results)

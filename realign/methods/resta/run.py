@@ -90,12 +90,28 @@ class RestaPatch(MergePatch):
         # DARE changes S: its norm is measured again (None)
         return dare_drop(dense, self.dare_p, torch.Generator().manual_seed(module_seed(self.seed, index))), aligned, None
 
+    def safety_kind(self, module: MergeModule) -> str | None:
+        if self.vector_adapter is not None:
+            return None  # low-rank, or absent where the vector adapter leaves the module alone
+        return "dense" if self.vector_checkpoint is not None else super().safety_kind(module)
+
     def combine(self, module: MergeModule, task: Matrix, safety, writing: bool) -> tuple[Combination, dict]:
         combo = Combination(module.name, module.shape)
+        if not writing and self.write_follows and self.safety_weight != 0.0 and self.safety_kind(module) == "dense":
+            # a dense S is built again to be written: its norm and its finiteness check are left to
+            # that pass, so the weights behind it are read once, not twice (the row is filled then)
+            self.unchecked.add(module.name)
+            combo.add(self.task_weight, task)
+            combo.defer()
+            return combo, {"task_norm": frobenius_norm(task), "safety_norm": None}
         s = safety()
         # the row's norms first: S is then scaled in place. A dense S is dropped after scoring
-        # (built again when written), so scoring needs its norm only; writing needs no norms.
-        row = {} if writing else {"task_norm": frobenius_norm(task), "safety_norm": safety.norm()}
+        # (built again when written), so scoring needs its norm only; writing needs only the norm
+        # scoring left to it.
+        if writing:
+            row = {"safety_norm": safety.norm()} if module.name in self.unchecked else {}
+        else:
+            row = {"task_norm": frobenius_norm(task), "safety_norm": safety.norm()}
         combo.add(self.task_weight, task)
         if not writing and s is not None and not isinstance(s, LowRank) and self.safety_weight != 0.0:
             combo.defer()

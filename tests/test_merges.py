@@ -265,7 +265,7 @@ def test_combination_in_place_is_bit_for_bit_the_copying_path():
     (Combination.add(in_place=True), matrix(in_place=True)) to save whole-matrix passes; the
     floats must be exactly those of the copying path, for weight 1 (no pass) and any other."""
     from realign.linalg import LowRank
-    from realign.methods.merging import Combination
+    from realign.methods.merged_output import Combination
 
     g = torch.Generator().manual_seed(0)
     s = torch.randn(37, 23, generator=g, dtype=torch.float32)

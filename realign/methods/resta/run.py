@@ -20,7 +20,8 @@ from ...linalg import LowRank, Matrix, frobenius_norm
 from ...progress import Progress
 from ...report import Report
 from ..alignment import orient, read_weight
-from ..merging import Combination, MergeModule, MergePatch, check_output_options
+from ..merged_output import Combination
+from ..merging import MergeModule, MergePatch, check_output_options
 from ..merging_full import check_one_finetune, open_side
 from ..patch import run
 from .math import dare as dare_drop

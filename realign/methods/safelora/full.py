@@ -192,7 +192,7 @@ def score(source: FullSource, settings: method.Settings, device: torch.device, p
 def _write_checkpoint(source: FullSource, projector: Projector, selected: list[FullModule], staging: Path,
                       progress: Progress | None) -> dict:
     """The fine-tuned directory with W_aligned + C dW written over each selected weight."""
-    copy_checkpoint(source.finetuned, staging)
+    copy_checkpoint(source.finetuned, staging, left_out=[m.finetuned.key for m in selected])  # written once, below
     done = 0
     for batch in _batches(selected, _dense_bytes):
         projected, _, _ = projector.project(batch)

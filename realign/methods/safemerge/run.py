@@ -14,7 +14,8 @@ from ...errors import RealignError
 from ...linalg import Matrix
 from ...progress import Progress
 from ...report import Report
-from ..merging import Combination, MergeModule, MergePatch, check_output_options
+from ..merged_output import Combination
+from ..merging import MergeModule, MergePatch, check_output_options
 from ..merging_full import check_one_finetune, open_side
 from ..patch import run
 from ..resta.run import check_weight

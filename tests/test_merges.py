@@ -324,6 +324,11 @@ def test_resta_report_rows_are_the_same_written_or_dry(setup, tmp_path):
         import json
         stored = json.loads((tmp_path / f"out{i}" / "realign_report.json").read_text())
         assert [row["safety_norm"] for row in stored["modules"]] == [row["safety_norm"] for row in dry.modules]
+    svd = realign.resta(*args, tmp_path / "svd", safety_weight=0.5, as_adapter=True, adapter_rank=4)
+    dry = realign.resta(*args, dry_run=True, safety_weight=0.5, as_adapter=True, adapter_rank=4)
+    assert svd.summary["output_kind"] == "svd-adapter"
+    assert [row["safety_norm"] for row in svd.modules] == [row["safety_norm"] for row in dry.modules]
+    assert all(row["safety_norm"] is not None for row in svd.modules)
 
 
 @pytest.mark.parametrize("method", ["resta", "safemerge"])

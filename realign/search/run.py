@@ -142,6 +142,14 @@ class _WithRepairFiles(Patch):
     def inputs(self):
         return self.inner.inputs()
 
+    @property
+    def write_follows(self) -> bool:
+        return self.inner.write_follows
+
+    @write_follows.setter
+    def write_follows(self, value: bool) -> None:  # the driver's word is for the patch that writes
+        self.inner.write_follows = value
+
     def score(self, progress):
         return self.inner.score(progress)
 

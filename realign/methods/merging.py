@@ -22,8 +22,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..errors import RealignError
 from ..buffers import Buffers
+from ..errors import RealignError
 from ..io.adapter import Adapter
 from ..io.checkpoint import Checkpoint
 from ..linalg import LowRank, Matrix, frobenius_norm
@@ -84,7 +84,8 @@ class AdapterSide:
 
 class LazySafety:
     """S of one module, computed on first call (SafeMERGE's scoring of a module it merges needs
-    only the similarity, not a dense S). The caller owns the tensor it returns."""
+    only the similarity, not a dense S). The caller owns the tensor it returns, until the next
+    module where it lies in the pass's buffers."""
 
     def __init__(self, compute: Callable[[], tuple[Matrix | None, torch.Tensor | None, float | None]]):
         self._compute = compute

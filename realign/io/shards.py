@@ -18,8 +18,8 @@ from ..errors import ensure_finite
 from ..report import REPORT_FILE
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint
 
-# Files of a training run that do not belong in a patched model directory.
 _CHUNK = 16 * 2**20
+# Files of a training run that do not belong in a patched model directory.
 _NOT_COPIED = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin", REPORT_FILE}
 
 

@@ -134,11 +134,7 @@ class Alignment:
                 return None
             left = self.aligned_adapter.tensors[lora.key_b].to(device, torch.float32) * lora.scaling
             return LowRank(left, self.aligned_adapter.tensors[lora.key_a].to(device, torch.float32))
-        w_aligned, w_base = self._checkpoint_pair(name, device)
-        v = safelora_math.alignment_matrix(w_aligned, w_base)
-        if not math.isfinite(frobenius_norm(v)):
-            self._explain_non_finite(name, w_aligned, w_base)
-        return v
+        return self.difference(name, device)[0]
 
     def difference(self, name: str, device: torch.device, check: bool = True,
                    buffers: Buffers | None = None) -> tuple[torch.Tensor, torch.Tensor, float | None]:

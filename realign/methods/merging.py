@@ -159,7 +159,8 @@ class MergePatch(Patch):
         where an aligned adapter leaves it alone), a tensor the caller owns (in `buffers`, where
         given, until the module is done). From checkpoints W_aligned in float32 comes along (read
         for S anyway; `write_checkpoint` reuses it) and so does ||S||_F (computed to check S is
-        finite); `writing` skips that check, done on the same weights by the scoring pass."""
+        finite); `writing` skips that check where the scoring pass did it on the same weights
+        (not for a module in `unchecked`)."""
         if self.alignment.kind == "checkpoint":
             check = not writing or module.name in self.unchecked
             return self.alignment.difference(module.name, torch.device("cpu"), check=check, buffers=buffers)
@@ -183,8 +184,8 @@ class MergePatch(Patch):
         safety = LazySafety(lambda: self.safety(module, writing, buffers))
         combo, extra = self.combine(module, task, safety, writing)
         combo.aligned = safety.aligned if writing else None  # kept only for the write that follows
-        kind = safety.kind() if safety.computed else self.safety_kind(module)
-        if not safety.computed and kind is None:  # not known without S: compute it (low-rank or absent, cheap)
+        kind = None if safety.computed else self.safety_kind(module)
+        if kind is None:  # computed, or not known without S (then low-rank or absent: cheap to compute)
             kind = safety.kind()
         return combo, {"name": module.name, "shape": list(module.shape), "task_rank": module.rank, "safety": kind,
                        **extra, "merged_rank": combo.rank if combo.low_rank else None}
